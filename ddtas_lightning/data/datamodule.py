@@ -1,0 +1,168 @@
+"""LightningDataModule: dataset source + transforms -> P x K train batches and query/gallery eval sets."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Sampler
+
+from ddtas_lightning.data.records import DatasetSource, SplitRecords
+from ddtas_lightning.data.sampler import PKBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+def split_off_classes(records: SplitRecords, fraction: float) -> tuple[SplitRecords, SplitRecords]:
+    """Class-disjoint train/val split of a train split: the last ``fraction`` of the sorted class ids
+    become the validation classes (deterministic, no randomness to record)."""
+    classes = sorted(set(records.labels))
+    n_val = round(len(classes) * fraction)
+    if not 0 < n_val < len(classes):
+        raise ValueError(
+            f"data.val_fraction={fraction} leaves {n_val} of {len(classes)} train classes for validation; "
+            "use 0 (validate on the test split) or a fraction giving at least 1 class to each side"
+        )
+    val_classes = set(classes[-n_val:])
+    keep = [i for i, y in enumerate(records.labels) if y not in val_classes]
+    held = [i for i, y in enumerate(records.labels) if y in val_classes]
+    return subset(records, keep), subset(records, held)
+
+
+def subset(records: SplitRecords, idx: list[int]) -> SplitRecords:
+    pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+    return SplitRecords(
+        [records.paths[i] for i in idx], [records.labels[i] for i in idx],
+        pick(records.is_query), pick(records.is_gallery),
+    )
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation split across DDP ranks: rank r takes items r, r + W, ...; the last shard is padded by
+    repeating items so every rank runs the same number of batches. Metrics remove the repeats by
+    dataset index after gathering."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.per_rank = math.ceil(n / num_replicas)
+
+    def __iter__(self):
+        padded = list(range(self.n)) + list(range(self.per_rank * self.num_replicas - self.n))
+        return iter(padded[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class DMLDataModule(pl.LightningDataModule):
+    """Builds the train (P x K batches), validation and test loaders.
+
+    batch_size / K: global P x K batch (P = batch_size // K classes); under DDP each of the W ranks
+    gets P / W classes of every global batch. val_fraction: 0 validates on the test split (the
+    papers' protocol); > 0 holds out that fraction of the *train classes* for validation, so model
+    selection and sweeps never see the test classes.
+    """
+
+    def __init__(
+        self,
+        source: DatasetSource,
+        transform,
+        batch_size: int = 32,
+        K: int = 4,
+        val_fraction: float = 0.0,
+        batches_per_epoch: int | None = None,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        on_bad_image: str = "fail",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_batch_shape(batch_size, K)
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.source, self.transform = source, transform
+        self.batch_size, self.K, self.P = batch_size, K, batch_size // K
+        self.val_fraction = val_fraction
+        self.batches_per_epoch = batches_per_epoch
+        self.eval_batch_size = eval_batch_size
+        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
+        if num_workers > 0:
+            self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self.on_bad_image = on_bad_image
+        self.seed = seed
+        self.train_set = self.val_set = self.test_set = None
+
+    def _dataset(self, records: SplitRecords, train: bool):
+        from ddtas_lightning.data.image_dataset import ImageDataset
+
+        tf = self.transform.train if train else self.transform.test
+        return ImageDataset(records, tf, on_bad_image=self.on_bad_image)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self.source.load("train")
+        test = self.source.load("test")
+        if self.val_fraction > 0:
+            train, val = split_off_classes(train, self.val_fraction)
+        else:
+            val = test
+        self.train_set = self._dataset(train, train=True)
+        self.val_set = self._dataset(val, train=False)
+        self.test_set = self.val_set if val is test else self._dataset(test, train=False)
+        log.info(
+            "data: train %d images / %d classes, val %d / %d, test %d / %d",
+            len(train), train.num_classes, len(val), val.num_classes, len(test), test.num_classes,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_sampler(self) -> PKBatchSampler:
+        world, rank = self._world()
+        return PKBatchSampler(
+            self.train_set.labels, self.P, self.K, seed=self.seed,
+            batches_per_epoch=self.batches_per_epoch, num_replicas=world, rank=rank,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_sampler()
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(self.train_set, batch_sampler=sampler, **self.loader_kwargs)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        world, rank = self._world()
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, sampler=ShardSampler(len(dataset), world, rank),
+            **self.loader_kwargs,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+
+def check_batch_shape(batch_size: int, K: int) -> None:
+    """P x K batches need K >= 2 (an anchor needs a positive) and batch_size divisible by K."""
+    if K < 2:
+        raise ValueError(f"data.K (images per class in a batch) must be >= 2, got {K}")
+    if batch_size < 2 * K or batch_size % K != 0:
+        raise ValueError(
+            f"data.batch_size={batch_size} must be a multiple of data.K={K} with at least 2 classes "
+            f"(e.g. {max(2, batch_size // K) * K})"
+        )
+
+
+__all__ = ["DMLDataModule", "ShardSampler", "check_batch_shape", "split_off_classes"]

@@ -1,0 +1,65 @@
+"""What every dataset loader produces: a list of image files with class labels for one split.
+
+Loaders (CUB-200-2011, Cars196, SOP, In-Shop, image folders, the embedded synthetic set) only parse
+their own file layout into :class:`SplitRecords`; :class:`ImageDataset` turns records into tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DatasetLayoutError(RuntimeError):
+    """A dataset on disk does not match the layout its loader expects. The message names the file."""
+
+
+@dataclass
+class SplitRecords:
+    """One split: ``paths[i]`` has raw class id ``labels[i]``.
+
+    is_query / is_gallery: retrieval roles (In-Shop has separate query and gallery images); ``None``
+    means every image is both a query and a gallery item (query == gallery, self excluded).
+    """
+
+    paths: list[Path]
+    labels: list[int]
+    is_query: list[bool] | None = None
+    is_gallery: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        if len(self.labels) != n:
+            raise ValueError(f"{n} paths but {len(self.labels)} labels")
+        for name in ("is_query", "is_gallery"):
+            flags = getattr(self, name)
+            if flags is not None and len(flags) != n:
+                raise ValueError(f"{n} paths but {len(flags)} {name} flags")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(set(self.labels))
+
+    def query_gallery(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self)
+        q = torch.ones(n, dtype=torch.bool) if self.is_query is None else torch.tensor(self.is_query)
+        g = torch.ones(n, dtype=torch.bool) if self.is_gallery is None else torch.tensor(self.is_gallery)
+        return q, g
+
+
+class DatasetSource:
+    """Base of dataset loaders. ``load(split)`` with split in {"train", "test"} returns SplitRecords."""
+
+    splits = ("train", "test")
+
+    def load(self, split: str) -> SplitRecords:
+        raise NotImplementedError
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")

@@ -1,0 +1,3 @@
+from ddtas_lightning.models.embedder import Embedder
+
+__all__ = ["Embedder"]

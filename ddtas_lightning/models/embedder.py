@@ -1,0 +1,88 @@
+"""Embedder: timm backbone -> global pooling -> linear head -> L2 normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POOLINGS = ("avg", "max", "avg+max")
+
+
+class Embedder(nn.Module):
+    """Maps images to L2-normalised ``dim``-d embeddings.
+
+    model_name: any timm model name. pretrained: load timm's pretrained weights (needs a reachable hub)
+    unless ``checkpoint_path`` points to a local weights file, which is then used instead (timm drops
+    the classifier keys). pooling: "avg", "max" or "avg+max" (the sum of both, as in the DDTAS/MS
+    BN-Inception code) over the last feature map; backbones without a spatial map (ViTs) use timm's
+    own pooling. freeze_bn: keep every BatchNorm in eval mode (running statistics fixed), as the
+    papers do; the affine parameters still train.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet18",
+        dim: int = 128,
+        pooling: str = "avg",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        freeze_bn: bool = False,
+        normalize: bool = True,
+        **timm_kwargs,
+    ) -> None:
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"backbone.dim must be a positive integer, got {dim}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"backbone.pooling must be one of {POOLINGS}, got {pooling!r}")
+        if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
+            raise ValueError(
+                f"backbone.model_name {model_name!r} is not a timm model (see timm.list_models())"
+            )
+        create_kwargs = dict(num_classes=0, **timm_kwargs)
+        if checkpoint_path:
+            path = Path(checkpoint_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"backbone.checkpoint_path: weights file {path} does not exist "
+                    "(expected a local .pth/.safetensors state dict for the timm model)"
+                )
+            create_kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        else:
+            create_kwargs.update(pretrained=pretrained)
+        self.backbone = timm.create_model(model_name, **create_kwargs)
+        self.pooling = pooling
+        self.freeze_bn = freeze_bn
+        self.normalize = normalize
+        self.head = nn.Linear(self.backbone.num_features, dim)
+        self.dim = dim
+
+    def pool(self, features: Tensor) -> Tensor:
+        if features.ndim != 4:  # token sequences etc.: timm's own head pooling
+            return self.backbone.forward_head(features, pre_logits=True)
+        if self.pooling == "avg":
+            return features.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return features.amax(dim=(2, 3))
+        return features.mean(dim=(2, 3)) + features.amax(dim=(2, 3))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.head(self.pool(self.backbone.forward_features(images)))
+        return F.normalize(x, dim=1) if self.normalize else x
+
+    def train(self, mode: bool = True) -> Embedder:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    @torch.no_grad()
+    def data_config(self) -> dict:
+        """timm's preprocessing config (input size, mean, std, interpolation) for this backbone."""
+        return timm.data.resolve_data_config({}, model=self.backbone)

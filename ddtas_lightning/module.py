@@ -1,0 +1,145 @@
+"""DMLModule: wiring only. Embedder, miner, loss and threshold policy come in built; maths lives in
+losses/, miners/, policies/ and metrics/."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from ddtas_lightning.losses.base import MetricLoss
+from ddtas_lightning.metrics import RetrievalMetrics
+from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.policies.base import StepBatch, ThresholdPolicy
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class DMLModule(pl.LightningModule):
+    """Manual optimisation, so a policy can run a virtual step and a meta update inside one step.
+
+    optimizer / scheduler: callables ``params -> Optimizer`` and ``optimizer -> LRScheduler`` (Hydra
+    ``_partial_: true`` nodes). max_nonfinite_steps: consecutive non-finite losses tolerated (each
+    skips its update and is counted) before the run stops.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: MetricLoss,
+        miner: BaseMiner,
+        policy: ThresholdPolicy,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        recall_ks: tuple[int, ...] = (1, 2, 4, 8),
+        knn_backend: str = "torch",
+        compute_nmi: bool = True,
+        max_nonfinite_steps: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.loss_fn, self.miner, self.policy = model, loss, miner, policy
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.recall_ks = tuple(int(k) for k in recall_ks)
+        self.val_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
+        self.test_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long))
+        self.generator = torch.Generator().manual_seed(seed)  # miners' random draws (NSPA, random-hard)
+        self.test_prefix = "test"  # train.py evaluates the untrained model under "untrained/"
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    # ---- training --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        opt = self.optimizers()
+        out = self.policy.step(
+            self.model, self.loss_fn, self.miner,
+            StepBatch(images, labels, epoch=self.current_epoch, generator=self.generator),
+        )
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(out.loss):
+            self.manual_backward(out.loss)
+            finite = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
+        else:
+            finite = False
+        if finite:
+            opt.step()
+            self.nonfinite_in_a_row.zero_()
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            log.warning("non-finite loss or gradient at step %d: update skipped", self.global_step)
+            if int(self.nonfinite_in_a_row) >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{int(self.nonfinite_in_a_row)} non-finite losses/gradients in a row "
+                    f"(trainer stops after module.max_nonfinite_steps={self.max_nonfinite_steps})"
+                )
+        sched = self.lr_schedulers()
+        if sched is not None and self.trainer.is_last_batch:
+            sched.step()
+        self._log_step(out.loss.detach(), out.selection, out.logs, len(labels))
+        return out.loss.detach()
+
+    def _log_step(self, loss: Tensor, selection, logs: dict[str, Tensor], batch_size: int) -> None:
+        values = {"train/loss": loss, "train/nonfinite_skipped": self.nonfinite_total.float()}
+        values.update({f"mining/{k}": v.float() for k, v in selection.stats.items()})
+        values.update({f"mining/{k}": v.float() for k, v in selection.thresholds.items()})
+        values.update({k: v.float() for k, v in logs.items()})
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _eval_step(self, metrics: RetrievalMetrics, batch, split: str) -> None:
+        images, labels, index = batch
+        is_query = is_gallery = None
+        dataset = getattr(self.trainer.datamodule, f"{split}_set", None) if self._trainer else None
+        if dataset is not None and hasattr(dataset, "is_query"):  # In-Shop: query != gallery
+            cpu_index = index.cpu()
+            is_query = dataset.is_query[cpu_index].to(index.device)
+            is_gallery = dataset.is_gallery[cpu_index].to(index.device)
+        metrics.update(self.model(images), labels, index, is_query=is_query, is_gallery=is_gallery)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(self.val_metrics, batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(self.test_metrics, batch, "test")
+
+    def _log_eval(self, metrics: RetrievalMetrics, prefix: str) -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()}
+        metrics.reset()
+        self.log_dict(values)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval(self.test_metrics, self.test_prefix)
+
+    # ---- optimisation and state ------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for p in self.loss_fn.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["miner_generator_state"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "miner_generator_state" in checkpoint:
+            self.generator.set_state(checkpoint["miner_generator_state"])

@@ -1,0 +1,31 @@
+"""Static threshold: the grid-search baseline. lambda comes from the config and never changes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ddtas_lightning.losses.base import MetricLoss
+from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.policies.base import StepBatch, StepOutput, ThresholdPolicy, embed_and_mine
+
+
+class StaticThreshold(ThresholdPolicy):
+    """lambda fixed for the whole run: ``threshold`` if given, else the loss's own ``threshold``.
+
+    Sweep it with ``-m loss.threshold=0.3,0.5,0.7`` (or ``threshold_policy.threshold=...``).
+    """
+
+    def __init__(self, threshold: float | None = None) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def current_threshold(self) -> Tensor | None:
+        return None if self.threshold is None else torch.tensor(float(self.threshold))
+
+    def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
+        sim, selection = embed_and_mine(model, miner, batch)
+        lam = self.current_threshold()
+        loss = loss_fn(sim, selection, threshold=None if lam is None else lam.to(sim.device))
+        value = loss_fn.threshold if lam is None else float(lam)
+        return StepOutput(loss=loss, selection=selection, logs={"train/lambda": torch.tensor(value)})
