@@ -29,7 +29,10 @@ class MetricLoss(nn.Module):
         """(lambda_pos, lambda_neg) as 0-d tensors in ``sim``'s dtype/device."""
         if threshold is None:
             threshold = self.threshold
-        t = torch.as_tensor(threshold, device=sim.device).to(sim.dtype)
+        if isinstance(threshold, Tensor):
+            t = threshold.to(device=sim.device, dtype=sim.dtype)
+        else:  # straight to sim's dtype: a float64 loss must not see lambda rounded to float32
+            t = torch.as_tensor(threshold, dtype=sim.dtype, device=sim.device)
         if t.ndim == 0:
             return t, t
         if t.shape == (2,):
@@ -66,8 +69,45 @@ class MetricLoss(nn.Module):
 
 
 def zero_loss(sim: Tensor) -> Tensor:
-    """A zero that keeps the graph (DDP needs every parameter to receive a gradient)."""
-    return sim.sum() * 0.0
+    """A zero that keeps the graph (DDP needs every parameter to receive a gradient).
+
+    ``(sim * 0).sum()`` rather than ``sim.sum() * 0``: the sum of a large fp16 matrix can overflow to
+    inf, and ``inf * 0`` is NaN.
+    """
+    return (sim * 0.0).sum()
+
+
+# ---- helpers shared by the concrete losses -----------------------------------------------------
+def upcast(sim: Tensor) -> Tensor:
+    """float16 / bfloat16 similarities are computed in float32 (the loss is then returned in float32);
+    float32 / float64 are left alone."""
+    return sim.float() if sim.dtype in (torch.float16, torch.bfloat16) else sim
+
+
+def pair_weights(weights: Tensor | None, sim: Tensor) -> Tensor | None:
+    """Check that per-pair weights are (B, M) like ``sim`` and cast them to its dtype/device."""
+    if weights is None:
+        return None
+    if weights.shape != sim.shape:
+        raise ValueError(f"weights must have the shape of sim {tuple(sim.shape)}, got {tuple(weights.shape)}")
+    return weights.to(device=sim.device, dtype=sim.dtype)
+
+
+def masked_log1p_sum_exp(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Row-wise ``log(1 + sum_{j: mask_ij} w_ij exp(x_ij))``, stable for large x, 0 for an empty row.
+
+    Computed as ``c + log(exp(-c) + sum w exp(x - c))`` with ``c = max(0, max_j x_ij)`` (detached: the
+    value does not depend on c). Unselected entries are filled with -inf *before* the exponential, so
+    their gradient is exactly 0 (never ``0 * inf``); weights enter as factors (not ``log w``), so the
+    gradient w.r.t. a zero weight is finite. Weights must be >= 0.
+    """
+    xm = x.masked_fill(~mask, float("-inf"))
+    c = xm.amax(dim=1, keepdim=True).clamp(min=0.0).detach()
+    e = torch.exp(xm - c)
+    if weights is not None:
+        e = e * weights.masked_fill(~mask, 0.0)
+    c = c.squeeze(1)
+    return c + torch.log(torch.exp(-c) + e.sum(dim=1))
 
 
 __all__ = ["MetricLoss", "zero_loss", "label_masks"]

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.miners.selection import (
+    DISTANCES,
+    PairSelection,
+    anchor_positive_pairs,
+    label_masks,
+    random_choice_per_row,
+    sim_to_distance,
+    triplet_selection,
+)
 
 
 class BaseMiner(nn.Module):
@@ -18,7 +26,8 @@ class BaseMiner(nn.Module):
         are the anchors themselves (the diagonal is then excluded by index).
       epoch: training progress, for miners whose behaviour follows a schedule (NSPA).
       generator: seeded ``torch.Generator`` for miners that draw at random.
-    Masks are computed under ``no_grad``.
+    Masks are computed under ``no_grad``, in float32 for fp16/bf16 similarities (the thresholds and
+    stats are then float32 too).
     """
 
     def forward(
@@ -31,7 +40,11 @@ class BaseMiner(nn.Module):
         generator: torch.Generator | None = None,
     ) -> PairSelection:
         with torch.no_grad():
-            return self.mine(sim.detach(), labels, ref_labels, epoch=epoch, generator=generator)
+            s = sim.detach()
+            if s.dtype in (torch.float16, torch.bfloat16):
+                # margins such as gamma_neg = m/10 = 0.01 are a few bf16 ulps near S = 1: mine in float32
+                s = s.float()
+            return self.mine(s, labels, ref_labels, epoch=epoch, generator=generator)
 
     def mine(
         self,
@@ -56,3 +69,55 @@ class BaseMiner(nn.Module):
         emb = F.normalize(embeddings, dim=1)
         ref = emb if ref_emb is None else F.normalize(ref_emb, dim=1)
         return self(emb @ ref.T, labels, ref_labels, **kwargs)
+
+
+SELECTS = ("all", "random")
+
+
+class TripletMiner(BaseMiner):
+    """Base of the triplet miners: a distance (``cosine``: 1 - S, ``euclidean``: sqrt(2 - 2S)) and a margin.
+
+    For the anchor-positive pairs (a, p) and each negative n of a, with
+    ``delta = d(a, n) - d(a, p)`` (so the triplet loss is ``relu(margin - delta)``):
+      violating ("hard" in NSPA's sense):  delta < margin           (loss > 0)
+      semi-hard:                           0 < delta < margin
+    ``select="all"`` keeps every qualifying triplet (as PML's ``TripletMarginMiner``); ``"random"``
+    keeps one qualifying negative per (a, p), uniformly at random (NSPA's single-policy rule).
+    """
+
+    def __init__(self, margin: float = 0.2, distance: str = "euclidean", select: str = "all") -> None:
+        super().__init__()
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+        self.margin = float(margin)
+        self.distance = distance
+        self.select = select
+
+    def candidates(self, delta: Tensor, neg_rows: Tensor) -> Tensor:
+        """(pairs, M) bool mask of the admissible negatives of each (a, p) pair."""
+        raise NotImplementedError
+
+    def mine(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None,
+        *,
+        epoch: float,
+        generator: torch.Generator | None,
+    ) -> PairSelection:
+        pos, neg = label_masks(labels, ref_labels)
+        dist = sim_to_distance(sim, self.distance)
+        a, p = anchor_positive_pairs(pos)
+        delta = dist[a] - dist[a, p][:, None]  # d(a, n) - d(a, p), (pairs, M)
+        cand = self.candidates(delta, neg[a])
+        if self.select == "all":
+            k, n = cand.nonzero(as_tuple=True)
+            a, p = a[k], p[k]
+        else:
+            n, ok = random_choice_per_row(cand, generator)
+            a, p, n = a[ok], p[ok], n[ok]
+        margin = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
+        return triplet_selection(a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin})

@@ -98,3 +98,113 @@ def basic_stats(pos: Tensor, neg: Tensor) -> dict[str, Tensor]:
         "neg_pairs": neg.sum(),
         "anchors_without_pairs": (~valid).sum(),
     }
+
+
+# ---- helpers shared by the miners and the triplet loss ------------------------------------------
+DISTANCES = ("cosine", "euclidean")
+
+
+def candidate_masks(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    exclude_self_by_value: bool = False,
+    self_threshold: float = 1.0 - 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """All positive / negative candidates of each anchor, before any mining.
+
+    Default: :func:`label_masks` (self pair excluded by index). ``exclude_self_by_value=True`` is the
+    official DDTAS / MS code's behaviour (spec ddtas.md §6.5): the diagonal is *not* removed by index,
+    instead every same-label candidate with ``S >= self_threshold`` is dropped (this drops exact
+    duplicates too, and keeps the self pair if rounding puts it below the threshold).
+    """
+    if not exclude_self_by_value:
+        return label_masks(labels, ref_labels)
+    ref = labels if ref_labels is None else ref_labels
+    same = labels[:, None] == ref[None, :]
+    return same & (sim < self_threshold), ~same
+
+
+def sim_to_distance(sim: Tensor, distance: str) -> Tensor:
+    """Distance from the cosine similarity of L2-normalised embeddings.
+
+    ``cosine``: ``1 - S``. ``euclidean``: ``||a - b|| = sqrt(max(2 - 2S, 0))``; the square root is
+    taken through a safe ``where`` so that duplicates (``S = 1``) give distance 0 with a zero
+    (not NaN) gradient.
+    """
+    if distance == "cosine":
+        return 1.0 - sim
+    if distance == "euclidean":
+        sq = (2.0 - 2.0 * sim).clamp(min=0.0)
+        pos = sq > 0
+        return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def anchor_positive_pairs(pos: Tensor, unordered: bool = False) -> tuple[Tensor, Tensor]:
+    """``(a, p)`` index tensors of the positive pairs in row-major order; ``unordered`` keeps a < p only."""
+    mask = torch.triu(pos, diagonal=1) if unordered else pos
+    a, p = mask.nonzero(as_tuple=True)
+    return a, p
+
+
+def random_choice_per_row(
+    cand: Tensor, generator: torch.Generator | None = None, keys: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One column chosen uniformly at random among the ``True`` entries of each row of ``cand``.
+
+    Uniform because it is the argmax of i.i.d. U(0, 1) keys restricted to the row's candidates.
+    Returns ``(column, row_has_candidate)``; ``column`` is meaningless where the row is empty.
+    ``keys`` (same shape as ``cand``) may be given to reuse draws; otherwise they are drawn from
+    ``generator`` (the global generator when ``None``).
+    """
+    if keys is None:
+        keys = uniform_like(cand.shape, cand.device, generator)
+    return keys.masked_fill(~cand, -1.0).argmax(dim=1), cand.any(dim=1)
+
+
+def uniform_like(shape, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """U(0, 1) draws from ``generator`` (on the generator's own device), moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def enumerate_triplets(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every ``(a, p, n)`` with ``pos[a, p]`` and ``neg[a, n]``, in lexicographic order.
+
+    Vectorised in O(number of triplets) memory (no B x M x M tensor): each positive pair (a, p) is
+    repeated once per negative of its anchor and paired with that anchor's negatives in order.
+    """
+    a_pos, p_idx = pos.nonzero(as_tuple=True)
+    a_neg, n_idx = neg.nonzero(as_tuple=True)  # row-major: grouped by anchor
+    n_per_anchor = neg.sum(1)
+    offsets = torch.cumsum(n_per_anchor, 0) - n_per_anchor  # first negative of each anchor in n_idx
+    reps = n_per_anchor[a_pos]
+    total = int(reps.sum())
+    a = torch.repeat_interleave(a_pos, reps, output_size=total)
+    p = torch.repeat_interleave(p_idx, reps, output_size=total)
+    group_start = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps, output_size=total)
+    within = torch.arange(total, device=pos.device) - group_start
+    n = n_idx[torch.repeat_interleave(offsets[a_pos], reps, output_size=total) + within]
+    return a, p, n
+
+
+def triplet_selection(
+    a: Tensor,
+    p: Tensor,
+    n: Tensor,
+    num_anchors: int,
+    num_candidates: int,
+    thresholds: dict[str, Tensor] | None = None,
+    stats: dict[str, Tensor] | None = None,
+) -> PairSelection:
+    """A :class:`PairSelection` holding triplets, with the pair masks they imply (for pair losses)."""
+    pos = torch.zeros(num_anchors, num_candidates, dtype=torch.bool, device=a.device)
+    neg = torch.zeros_like(pos)
+    pos[a, p] = True
+    neg[a, n] = True
+    all_stats = basic_stats(pos, neg)
+    all_stats["triplets"] = torch.tensor(a.numel(), device=a.device)
+    all_stats.update(stats or {})
+    return PairSelection(pos, neg, thresholds=thresholds or {}, stats=all_stats, triplets=(a, p, n))

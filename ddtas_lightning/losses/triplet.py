@@ -1,0 +1,67 @@
+"""Triplet margin loss (Weinberger & Saul 2009; Schroff et al., FaceNet, CVPR 2015), reduced like
+pytorch-metric-learning's ``TripletMarginLoss`` (``AvgNonZeroReducer``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ddtas_lightning.losses.base import MetricLoss, upcast
+from ddtas_lightning.miners.selection import DISTANCES, PairSelection, enumerate_triplets, sim_to_distance
+
+
+class TripletMarginLoss(MetricLoss):
+    """``l_t = w_t relu(d(a,p) - d(a,n) + margin)``, ``L = sum_t l_t / #{t : relu(...) > 0}`` (0 if none).
+
+    ``distance``: ``cosine`` (``1 - S``) or ``euclidean`` (``sqrt(2 - 2S)``, the L2 distance of the
+    normalised embeddings, with a NaN-free gradient at duplicates); ``squared=True`` uses
+    ``2 - 2S`` (the squared L2 distance, the NSPA author's Keras loss). ``threshold`` is the margin
+    (default 0.2). A (2,) threshold (m_pos, m_neg) is read as the margin split into a pull and a push
+    part: ``relu((d(a,p) + m_pos) - (d(a,n) - m_neg))``, i.e. margin = m_pos + m_neg.
+
+    Triplets: ``selection.triplets`` when the miner produced them, else every (a, p, n) with
+    ``pos_mask[a, p]`` and ``neg_mask[a, n]`` (lexicographic order). ``weights``: optional (T,), one
+    per triplet in that order; the divisor counts the triplets with a positive hinge regardless of
+    the weights. fp16/bf16 are computed in float32.
+    """
+
+    def __init__(self, threshold: float = 0.2, distance: str = "euclidean", squared: bool = False) -> None:
+        super().__init__(threshold)
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if squared and distance != "euclidean":
+            raise ValueError("squared=True needs distance='euclidean'")
+        self.distance = distance
+        self.squared = bool(squared)
+
+    def pair_distance(self, s: Tensor) -> Tensor:
+        if self.squared:
+            return (2.0 - 2.0 * s).clamp(min=0.0)
+        return sim_to_distance(s, self.distance)
+
+    def forward(
+        self,
+        sim: Tensor,
+        selection: PairSelection,
+        threshold: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        s = upcast(sim)
+        m_pos, m_neg = self.resolve_threshold(s, threshold)
+        t = torch.as_tensor(self.threshold if threshold is None else threshold)
+        margin = m_pos if t.ndim == 0 else m_pos + m_neg
+        if selection.triplets is not None:
+            a, p, n = selection.triplets
+        else:
+            a, p, n = enumerate_triplets(selection.pos_mask, selection.neg_mask)
+        d_ap = self.pair_distance(s[a, p])
+        d_an = self.pair_distance(s[a, n])
+        losses = torch.relu(d_ap - d_an + margin)
+        num_active = (losses > 0).sum()
+        if weights is not None:
+            if weights.shape != losses.shape:
+                raise ValueError(
+                    f"triplet weights must have shape (T,) = {tuple(losses.shape)}, got {tuple(weights.shape)}"
+                )
+            losses = losses * weights.to(device=s.device, dtype=s.dtype)
+        return losses.sum() / num_active.clamp(min=1).to(s.dtype)
