@@ -1,0 +1,161 @@
+"""Image preprocessing as config: every class here has a ``.train`` and a ``.test`` callable (PIL -> tensor).
+
+- :class:`SimpleTransform`: mild random-resized crop + flip at ``image_size`` (the synthetic data).
+- :class:`BNInceptionTransform`: the DML papers' protocol for the Caffe BN-Inception (MS loss, MMSI,
+  DDTAS; [mmsi] ``DataSet/CUB200_tv.py``): train Resize(256) -> RandomResizedCrop(227, scale=(0.16, 1))
+  -> HFlip; test Resize(256) -> CenterCrop(227); pixels BGR in 0-255 minus (104, 117, 128) (B, G, R).
+- :class:`ImageNetTransform`: the same geometry, RGB in [0, 1] normalised by ImageNet mean/std (ResNets).
+- :class:`TimmTransform`: timm's own preprocessing for a named model, from its pretrained config
+  (``timm.data.resolve_data_config`` + ``create_transform``); reads the registry only, no download.
+
+All transforms are picklable (DataLoader workers under spawn/forkserver).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_BGR_MEAN = (104.0, 117.0, 128.0)
+
+
+def _pair(x: Sequence[float]) -> tuple[float, float]:
+    a, b = (float(v) for v in x)
+    return a, b
+
+
+def _interp(name: str) -> T.InterpolationMode:
+    return T.InterpolationMode(name.lower())
+
+
+class ToBGR255:
+    """RGB float tensor in [0, 1] -> BGR float tensor in [0, 255] (Caffe models' input convention)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-3).mul(255.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class TransformPair:
+    """A ``train`` and a ``test`` callable, PIL RGB image -> float tensor (3, H, W)."""
+
+    train: Callable[[Image.Image], torch.Tensor]
+    test: Callable[[Image.Image], torch.Tensor]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(\n train={self.train},\n test={self.test})"
+
+
+class SimpleTransform(TransformPair):
+    """Light augmentation for small images (the synthetic dataset).
+
+    train: RandomResizedCrop(image_size, scale, ratio) -> [HFlip] -> ToTensor -> Normalize
+    test: Resize(image_size) -> CenterCrop(image_size) -> ToTensor -> Normalize
+    """
+
+    def __init__(self, image_size: int = 64, scale: Sequence[float] = (0.7, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        norm = [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        self.image_size = int(image_size)
+        self.train = T.Compose([T.RandomResizedCrop(self.image_size, _pair(scale), _pair(ratio)), *flip, *norm])
+        self.test = T.Compose([T.Resize(self.image_size), T.CenterCrop(self.image_size), *norm])
+
+
+class ImageNetTransform(TransformPair):
+    """The DML papers' geometry with RGB ImageNet normalisation (for ImageNet-pretrained ResNets).
+
+    train: Resize(resize) -> RandomResizedCrop(image_size, scale, ratio) -> [HFlip] -> ToTensor -> Normalize
+    test: Resize(resize) -> CenterCrop(image_size) -> ToTensor -> Normalize
+    (Resize(n) scales the shorter side to n.)
+    """
+
+    def __init__(self, image_size: int = 227, resize: int = 256, scale: Sequence[float] = (0.16, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 interpolation: str = "bilinear") -> None:
+        self.image_size, self.resize = int(image_size), int(resize)
+        if self.resize < self.image_size:
+            raise ValueError(f"resize={resize} must be >= image_size={image_size}")
+        mode = _interp(interpolation)
+        tail = self._tensor_tail(mean, std)
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        self.train = T.Compose([
+            T.Resize(self.resize, interpolation=mode),
+            T.RandomResizedCrop(self.image_size, _pair(scale), _pair(ratio), interpolation=mode),
+            *flip, *tail,
+        ])
+        self.test = T.Compose([T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.image_size), *tail])
+
+    def _tensor_tail(self, mean: Sequence[float], std: Sequence[float]) -> list:
+        return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+
+
+class BNInceptionTransform(ImageNetTransform):
+    """The BN-Inception (Caffe weights) protocol of MS loss / MMSI / DDTAS.
+
+    Geometry as :class:`ImageNetTransform` (256 -> 227, scale (0.16, 1)). With ``bgr_255=True`` (default)
+    the tensor is BGR in [0, 255] and ``mean`` (default (104, 117, 128), in B, G, R order) is subtracted,
+    ``std`` default (1, 1, 1). ``bgr_255=False`` gives RGB in [0, 1] with ImageNet mean/std unless
+    ``mean``/``std`` are given (for BN-Inception ports that expect torchvision-style input).
+    """
+
+    def __init__(self, image_size: int = 227, resize: int = 256, scale: Sequence[float] = (0.16, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True, bgr_255: bool = True,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 interpolation: str = "bilinear") -> None:
+        self.bgr_255 = bool(bgr_255)
+        if mean is None:
+            mean = CAFFE_BGR_MEAN if self.bgr_255 else IMAGENET_MEAN
+        if std is None:
+            std = (1.0, 1.0, 1.0) if self.bgr_255 else IMAGENET_STD
+        super().__init__(image_size, resize, scale, ratio, hflip, mean, std, interpolation)
+
+    def _tensor_tail(self, mean: Sequence[float], std: Sequence[float]) -> list:
+        bgr = [ToBGR255()] if self.bgr_255 else []
+        return [T.ToTensor(), *bgr, T.Normalize(tuple(mean), tuple(std))]
+
+
+class TimmTransform(TransformPair):
+    """timm's preprocessing for ``model_name`` (e.g. ``resnet50``, ``vit_small_patch16_224.augreg_in21k``).
+
+    The model's *pretrained config* (input size, interpolation, mean/std, crop_pct) is read from timm's
+    registry with ``timm.models.get_pretrained_cfg``, so no model is built and no weights are fetched.
+    ``image_size`` overrides the input size; ``train_kwargs`` / ``test_kwargs`` are passed on to
+    ``timm.data.create_transform`` (e.g. ``{scale: [0.16, 1], color_jitter: 0.0}``).
+    """
+
+    def __init__(self, model_name: str = "resnet50", image_size: int | None = None,
+                 train_kwargs: Mapping | None = None, test_kwargs: Mapping | None = None) -> None:
+        from timm.data import create_transform, resolve_data_config
+        from timm.models import get_pretrained_cfg, is_model
+
+        cfg = get_pretrained_cfg(model_name)
+        if cfg is None and not is_model(model_name):
+            raise ValueError(f"timm does not know the model {model_name!r} (see timm.list_models())")
+        data_cfg = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+        if image_size is not None:
+            data_cfg["input_size"] = (3, int(image_size), int(image_size))
+        self.model_name = model_name
+        self.data_config = dict(data_cfg)
+        self.image_size = int(data_cfg["input_size"][-1])
+        self.train = create_transform(**data_cfg, is_training=True, **_plain(train_kwargs))
+        self.test = create_transform(**data_cfg, is_training=False, **_plain(test_kwargs))
+
+
+def _plain(kwargs: Mapping | None) -> dict:
+    """OmegaConf containers -> plain dict, sequences -> tuples (timm expects tuples)."""
+    if not kwargs:
+        return {}
+    out = {}
+    for k, v in dict(kwargs).items():
+        out[str(k)] = tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+    return out
