@@ -42,6 +42,7 @@ class DMLModule(pl.LightningModule):
         knn_backend: str = "torch",
         compute_nmi: bool = True,
         max_nonfinite_steps: int = 10,
+        meta_batch_size: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -52,6 +53,7 @@ class DMLModule(pl.LightningModule):
         self.val_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
         self.test_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.meta_batch_size = meta_batch_size
         self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long))
         self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long))
         self.generator = torch.Generator().manual_seed(seed)  # miners' random draws (NSPA, random-hard)
@@ -61,13 +63,21 @@ class DMLModule(pl.LightningModule):
         return self.model(images)
 
     # ---- training --------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def split_batch(self, batch) -> StepBatch:
+        """The data module appends the meta batch (if the policy wants one) after the train batch."""
         images, labels, _ = batch
+        step = StepBatch(images, labels, epoch=self.current_epoch, generator=self.generator)
+        if self.policy.needs_meta_batch:
+            n = len(labels) - self.meta_batch_size
+            step.images, step.meta_images = images[:n], images[n:]
+            step.labels, step.meta_labels = labels[:n], labels[n:]
+        return step
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         opt = self.optimizers()
-        out = self.policy.step(
-            self.model, self.loss_fn, self.miner,
-            StepBatch(images, labels, epoch=self.current_epoch, generator=self.generator),
-        )
+        step = self.split_batch(batch)
+        labels = step.labels
+        out = self.policy.step(self.model, self.loss_fn, self.miner, step)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(out.loss):
             self.manual_backward(out.loss)
@@ -93,7 +103,11 @@ class DMLModule(pl.LightningModule):
         return out.loss.detach()
 
     def _log_step(self, loss: Tensor, selection, logs: dict[str, Tensor], batch_size: int) -> None:
-        values = {"train/loss": loss, "train/nonfinite_skipped": self.nonfinite_total.float()}
+        values = {
+            "train/loss": loss,
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/nonfinite_skipped": self.nonfinite_total.float(),
+        }
         values.update({f"mining/{k}": v.float() for k, v in selection.stats.items()})
         values.update({f"mining/{k}": v.float() for k, v in selection.thresholds.items()})
         values.update({k: v.float() for k, v in logs.items()})

@@ -47,10 +47,12 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
     """Instantiate the data module and the LightningModule from a composed config."""
+    policy = instantiate(cfg.threshold_policy)
     datamodule = DMLDataModule(
         source=instantiate(cfg.dataset.source),
         transform=instantiate(cfg.transform),
         seed=int(cfg.seed),
+        with_meta_batch=policy.needs_meta_batch,
         **OmegaConf.to_container(cfg.data, resolve=True),
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -58,13 +60,14 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         model=instantiate(cfg.backbone),
         loss=instantiate(cfg.loss),
         miner=instantiate(cfg.miner),
-        policy=instantiate(cfg.threshold_policy),
+        policy=policy,
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         recall_ks=tuple(cfg.metrics.recall_ks),
         knn_backend=cfg.metrics.knn_backend,
         compute_nmi=bool(cfg.metrics.nmi),
         max_nonfinite_steps=int(cfg.module.max_nonfinite_steps),
+        meta_batch_size=int(cfg.data.meta_batch_size) if policy.needs_meta_batch else 0,
         seed=int(cfg.seed),
     )
     return datamodule, module

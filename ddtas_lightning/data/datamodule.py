@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Sampler
 
 from ddtas_lightning.data.records import DatasetSource, SplitRecords
-from ddtas_lightning.data.sampler import PKBatchSampler
+from ddtas_lightning.data.sampler import PKBatchSampler, WithMetaBatch
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class DMLDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
         on_bad_image: str = "fail",
+        meta_batch_size: int = 10,
+        meta_K: int = 2,
+        with_meta_batch: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -95,6 +98,14 @@ class DMLDataModule(pl.LightningDataModule):
         if num_workers > 0:
             self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.on_bad_image = on_bad_image
+        self.with_meta_batch = with_meta_batch
+        if with_meta_batch:
+            if meta_K < 1 or meta_batch_size % meta_K != 0 or meta_batch_size < 2 * meta_K:
+                raise ValueError(
+                    f"data.meta_batch_size={meta_batch_size} must be a multiple of data.meta_K={meta_K} "
+                    "with at least 2 classes"
+                )
+        self.meta_batch_size, self.meta_K = meta_batch_size, meta_K
         self.seed = seed
         self.train_set = self.val_set = self.test_set = None
 
@@ -103,6 +114,12 @@ class DMLDataModule(pl.LightningDataModule):
 
         tf = self.transform.train if train else self.transform.test
         return ImageDataset(records, tf, on_bad_image=self.on_bad_image)
+
+    def prepare_data(self) -> None:
+        """Runs once per node before setup: generate the synthetic set here, not once per rank."""
+        materialise = getattr(self.source, "materialise", None)
+        if materialise is not None:
+            materialise()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -127,12 +144,18 @@ class DMLDataModule(pl.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def train_sampler(self) -> PKBatchSampler:
+    def train_sampler(self) -> PKBatchSampler | WithMetaBatch:
         world, rank = self._world()
-        return PKBatchSampler(
+        train = PKBatchSampler(
             self.train_set.labels, self.P, self.K, seed=self.seed,
             batches_per_epoch=self.batches_per_epoch, num_replicas=world, rank=rank,
         )
+        if not self.with_meta_batch:
+            return train
+        meta = PKBatchSampler(
+            self.train_set.labels, self.meta_batch_size // self.meta_K, self.meta_K, seed=self.seed + 1,
+        )
+        return WithMetaBatch(train, meta)
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()

@@ -103,3 +103,26 @@ class PKBatchSampler(Sampler[list[int]]):
         for batch in self._global_batches():
             mine = batch[self.rank :: self.num_replicas]
             yield [i for members in mine for i in members]
+
+
+class WithMetaBatch(Sampler[list[int]]):
+    """Appends a meta batch (P_m x K_m from the same split, its own seed) to every train batch.
+
+    Meta-learning policies (``threshold_policy=meta``) evaluate a virtual step on it; the module splits
+    the concatenated batch at ``len(train batch)``. Every DDP rank draws the same meta batch.
+    """
+
+    def __init__(self, train: PKBatchSampler, meta: PKBatchSampler) -> None:
+        self.train, self.meta = train, meta
+        self.meta.batches_per_epoch = len(train)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train.set_epoch(epoch)
+        self.meta.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch, meta in zip(self.train, self.meta):
+            yield batch + meta

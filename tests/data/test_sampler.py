@@ -71,3 +71,20 @@ def test_small_class_sampled_with_replacement_and_reported_once(caplog):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PKBatchSampler(labels_of(4, 3), **kwargs)
+
+
+def test_meta_batch_appended_from_its_own_stream():
+    from ddtas_lightning.data.sampler import WithMetaBatch
+
+    labels = labels_of(10, 6)
+    train = PKBatchSampler(labels, P=4, K=3, seed=0)
+    combined = WithMetaBatch(PKBatchSampler(labels, P=4, K=3, seed=0), PKBatchSampler(labels, 5, 2, seed=1))
+    plain = list(train)
+    batches = list(combined)
+    assert len(batches) == len(plain)
+    for batch, alone in zip(batches, plain):
+        assert batch[:12] == alone
+        meta = Counter(labels[batch[12:]].tolist())
+        assert len(meta) == 5 and set(meta.values()) == {2}
+    combined.set_epoch(1)
+    assert [b[12:] for b in combined] != [b[12:] for b in batches]

@@ -1,0 +1,119 @@
+"""The train entry point composed from the real configs: every option of every group runs a
+fast_dev_run; bad input stops with one clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddtas_lightning.train import ConfigError, train
+from tests.conftest import CONF_DIR, TINY_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Options that cannot run on a CPU-only machine in a fast test, and why.
+NOT_FAST = {
+    ("trainer", "gpu"): "needs a CUDA device",
+    ("trainer", "ddp"): "two processes; covered by the slow DDP tests",
+    ("dataset", "cub200"): "needs a dataset tree; covered in tests/data",
+    ("dataset", "cars196"): "needs a dataset tree; covered in tests/data",
+    ("dataset", "sop"): "needs a dataset tree; covered in tests/data",
+    ("dataset", "inshop"): "needs a dataset tree; covered in tests/data",
+    ("dataset", "folder"): "needs a dataset tree; covered in tests/data",
+}
+# Extra overrides an option needs to run tiny.
+EXTRA = {
+    ("backbone", "timm"): ["backbone.model_name=resnet10t"],
+    ("backbone", "resnet50"): ["backbone.dim=16"],
+    ("threshold_policy", "meta"): ["data.meta_batch_size=4", "data.meta_K=2"],  # 4 train classes
+}
+GROUPS = ["dataset", "transform", "backbone", "loss", "miner", "threshold_policy", "optimizer",
+          "scheduler", "trainer", "logger", "callbacks"]
+
+
+def options():
+    for group in GROUPS:
+        for path in sorted(Path(CONF_DIR, group).glob("*.yaml")):
+            key = (group, path.stem)
+            marks = [pytest.mark.skip(reason=NOT_FAST[key])] if key in NOT_FAST else []
+            yield pytest.param(group, path.stem, marks=marks, id=f"{group}={path.stem}")
+
+
+def fast_dev_run(tiny_cfg, *overrides):
+    cfg = tiny_cfg("+trainer.fast_dev_run=true", "trainer.accelerator=cpu", *overrides)
+    r1 = train(cfg)
+    metrics = json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())
+    return r1, metrics
+
+
+@pytest.mark.parametrize("group, option", list(options()))
+def test_fast_dev_run_every_config_option(tiny_cfg, group, option):
+    r1, metrics = fast_dev_run(tiny_cfg, f"{group}={option}", *EXTRA.get((group, option), []))
+    assert 0.0 <= r1 <= 1.0 or (math.isnan(r1) and option == "none" and group == "callbacks")
+    assert 0.0 <= metrics["untrained"]["untrained/R@1"] <= 1.0
+    assert 0.0 <= metrics["test"]["test/MAP@R"] <= 1.0
+    assert metrics["global_steps"] == 1
+
+
+def test_training_run_writes_metrics_logs_and_checkpoints(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "trainer.accelerator=cpu")
+    best_r1 = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_val_R@1"] == pytest.approx(best_r1)
+    assert metrics["global_steps"] == 2 * 3  # 4 train classes x 6 images / batch of 8 = 3 steps an epoch
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["best_checkpoint"]).is_file()
+    log = (out / "csv" / "metrics.csv").read_text()
+    for key in ("train/loss", "train/lr", "mining/pos_pairs", "mining/neg_pairs", "train/lambda", "val/R@1", "val/MAP@R"):
+        assert key in log
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.K=1"], "data.K"),
+        (["data.batch_size=10", "data.K=4"], "data.batch_size=10 must be a multiple of data.K=4"),
+        (["backbone.dim=0"], "backbone.dim"),
+        (["metrics.knn_backend=annoy"], "metrics.knn_backend"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "/nonexistent/last.ckpt"),
+    ],
+)
+def test_invalid_values_name_the_key(tiny_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_cfg(*overrides))
+
+
+def run_cli(*overrides, tmp_path, tiny=True):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "ddtas_lightning.train", f"hydra.run.dir={tmp_path}/run",
+         f"paths.data_dir={tmp_path}/data", *(TINY_DATA if tiny else []), *overrides],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+
+
+def test_cli_unknown_option_lists_the_choices(tmp_path):
+    proc = run_cli("loss=nope", tmp_path=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'loss/nope'" in proc.stderr and "ms" in proc.stderr
+
+
+def test_cli_bad_value_is_one_clear_line(tmp_path):
+    proc = run_cli("data.K=1", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.K")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_dataset_names_the_file(tmp_path):
+    proc = run_cli("dataset=cub200", tmp_path=tmp_path, tiny=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "CUB_200_2011" in proc.stderr
