@@ -1,4 +1,28 @@
 from ddtas_lightning.policies.base import StepBatch, StepOutput, ThresholdPolicy, embed_and_mine
+from ddtas_lightning.policies.meta import MetaThreshold
 from ddtas_lightning.policies.static import StaticThreshold
+from ddtas_lightning.policies.virtual_step import (
+    FunctionalModel,
+    MetaGradient,
+    cotangent_meta_gradient,
+    exact_meta_gradient,
+    loss_and_gradient,
+    tangent_meta_gradient,
+    virtual_sgd_step,
+)
 
-__all__ = ["StaticThreshold", "StepBatch", "StepOutput", "ThresholdPolicy", "embed_and_mine"]
+__all__ = [
+    "FunctionalModel",
+    "MetaGradient",
+    "MetaThreshold",
+    "StaticThreshold",
+    "StepBatch",
+    "StepOutput",
+    "ThresholdPolicy",
+    "cotangent_meta_gradient",
+    "embed_and_mine",
+    "exact_meta_gradient",
+    "loss_and_gradient",
+    "tangent_meta_gradient",
+    "virtual_sgd_step",
+]

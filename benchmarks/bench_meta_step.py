@@ -1,0 +1,183 @@
+"""Cost of one ``threshold_policy=meta`` training step relative to one static step.
+
+Same model, batches, miner and loss for every variant, all measured in the same run:
+  Embedder("resnet18", dim=128, freeze_bn=True) at 64x64, train batch 32 (8 classes x 4),
+  meta batch 10 (5 x 2), AT-ASMS miner + SoftContrastive loss, Adam on the model.
+A *step* is what ``DMLModule.training_step`` does: ``policy.step`` (embed, mine, loss; plus the
+virtual step and the lambda update for ``meta``), ``zero_grad``, ``backward`` of the returned loss,
+``optimizer.step``.
+Variants: static | meta exact (``exact_impl="identity"``, the default) | meta exact-double_backward
+| meta jvp (``jvp_reuse_forward=True``, the default) | meta jvp-separate (``jvp_reuse_forward=False``).
+
+Time: wall clock, the variants run round-robin (one repeat of each per round, after warm-up rounds)
+so that load from other processes hits them alike; median (and min) over the repeats.
+Memory (CPU): the step's *peak resident-set growth*: ``VmHWM - VmRSS`` read from /proc/self/status,
+with the high-water mark reset just before the step (``echo 5 > /proc/self/clear_refs``). glibc keeps
+freed heap pages resident, which would hide the step's allocations, so ``malloc_trim(0)`` hands them
+back to the kernel first (they must then be faulted in again, and count, when the step reuses them).
+tracemalloc is not used: it does not see torch's allocations. On CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated``
+minus the allocated memory before the step.
+Targets: exact <= 3x and jvp <= 2x the static step's time (the default variants).
+Threads: one intra-op thread by default (``--threads 0``: torch's default). On a small shared machine,
+spinning OpenMP threads that lose their core to another process slow every parallel region down by
+up to 10x, which makes multi-threaded timings meaningless there; the ratios are what matters.
+
+Run: .venv/bin/python benchmarks/bench_meta_step.py [--repeats 5] [--warmup 2] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddtas_lightning.losses import SoftContrastiveLoss  # noqa: E402
+from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS  # noqa: E402
+from ddtas_lightning.models import Embedder  # noqa: E402
+from ddtas_lightning.policies import MetaThreshold, StaticThreshold, StepBatch  # noqa: E402
+
+TARGETS = {"meta exact": 3.0, "meta jvp": 2.0}
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    """Return glibc's free heap pages to the kernel (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_step(policy, model, loss_fn, miner, batch, opt):
+    def step():
+        out = policy.step(model, loss_fn, miner, batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return out
+
+    return step
+
+
+def peak_memory_mib(step, device: torch.device) -> float | None:
+    """Peak memory growth of one call of ``step`` (MiB), see the module docstring."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _trim_heap()
+    base = _status_kib("VmRSS")
+    if base is None or not _reset_peak_rss():
+        return None
+    step()
+    peak = _status_kib("VmHWM")
+    return None if peak is None else max(peak - base, 0) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = torch's default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a time target is missed")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    model = Embedder("resnet18", dim=128, freeze_bn=True).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    batch = StepBatch(
+        images=torch.randn(32, 3, 64, 64, generator=g).to(device),
+        labels=torch.arange(8).repeat_interleave(4).to(device),
+        meta_images=torch.randn(10, 3, 64, 64, generator=g).to(device),
+        meta_labels=torch.arange(5).repeat_interleave(2).to(device),
+    )
+    loss_fn, miner = SoftContrastiveLoss(), AdaptiveToleranceASMS()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=5e-4)
+    policies = {
+        "static": StaticThreshold(),
+        "meta exact": MetaThreshold(mode="exact"),
+        "meta exact-double_bw": MetaThreshold(mode="exact", exact_impl="double_backward"),
+        "meta jvp": MetaThreshold(mode="jvp", jvp_reuse_forward=True),
+        "meta jvp-separate": MetaThreshold(mode="jvp", jvp_reuse_forward=False),
+    }
+    steps = {name: make_step(p.to(device), model, loss_fn, miner, batch, opt) for name, p in policies.items()}
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.warmup + args.repeats):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    memory: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.memory_repeats):
+        for name, step in steps.items():
+            m = peak_memory_mib(step, device)
+            if m is not None:
+                memory[name].append(m)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device={device} threads={torch.get_num_threads()} (cpus {os.cpu_count()}, load {load:.1f}) torch={torch.__version__} "
+          f"resnet18 dim=128 64x64, batch 32 (8x4), meta 10 (5x2), repeats={args.repeats} warmup={args.warmup}")
+    mem_kind = "CUDA max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (VmHWM - VmRSS)"
+    print(f"memory: {mem_kind}, median of {args.memory_repeats}")
+    base_med = statistics.median(times["static"])
+    base_min = min(times["static"])
+    base_mem = statistics.median(memory["static"]) if memory["static"] else None
+    print(f"{'variant':<22}{'median s':>10}{'min s':>9}{'x static':>10}{'x (min)':>9}{'peak MiB':>10}{'x static':>10}")
+    missed = []
+    for name in steps:
+        med, mn = statistics.median(times[name]), min(times[name])
+        mem = statistics.median(memory[name]) if memory[name] else None
+        mem_s = f"{mem:10.1f}" if mem is not None else f"{'n/a':>10}"
+        mem_r = f"{mem / base_mem:10.2f}" if mem is not None and base_mem else f"{'n/a':>10}"
+        print(f"{name:<22}{med:10.3f}{mn:9.3f}{med / base_med:10.2f}{mn / base_min:9.2f}{mem_s}{mem_r}")
+        if name in TARGETS and med / base_med > TARGETS[name]:
+            missed.append(f"{name}: {med / base_med:.2f}x > {TARGETS[name]}x")
+    print("targets (median time): " + ("all met" if not missed else "MISSED " + "; ".join(missed)))
+    return 1 if (missed and args.strict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

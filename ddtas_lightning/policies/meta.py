@@ -1,0 +1,306 @@
+"""Meta-learned loss threshold: DDTAS's Online Threshold Generator (OTG) in the form the paper
+describes (Jiang et al., "Dual Dynamic Threshold Adjustment Strategy", ACM TOMM 2024; spec
+``research/ddtas.md`` §2.1 and §2.3, ``threshold`` mode).
+
+One step (``granularity="scalar"``: one lambda; ``"pos_neg"``: (lambda_pos, lambda_neg)):
+
+1. embed the train batch with the live parameters (``torch.func.functional_call``), S = E E^T;
+2. mine once; the selection is reused by every loss below;
+3. ``L_t(theta, lambda) = loss(S, selection, lambda)`` with a differentiable lambda and one virtual
+   SGD step ``theta' = theta - eta * grad_theta L_t``;
+4. embed the meta batch with theta', ``L_m = loss(S_m, all pairs, lambda_0)`` (fixed
+   ``meta_threshold``, no mining);
+5. ``g = dL_m/dlambda`` (averaged over DDP ranks), then a normalised step
+   ``lambda <- clamp(lambda - lr * step(g), min, max)`` (Adam moments or sign);
+6. return the real loss ``loss(S, selection, lambda_new)`` on the step-1 similarities (same values
+   and graph as a fresh forward with theta), which the module back-propagates.
+
+``mode="exact"`` gives the exact derivative of step 5 (second order in the backbone), either by the
+identity ``g = -eta (d/dlambda dL_t/dS)^T (J_S v')``, ``v' = grad_theta L_m(theta')``, evaluated
+with one backward (scalar lambda) or one forward-mode pass (pos_neg) over the train batch
+(``exact_impl="identity"``, default), or by back-propagating through the virtual step
+(``exact_impl="double_backward"``). ``mode="jvp"`` is first order in eta: the same formula with
+``v = grad_theta L_m(theta)``, so no virtual step is taken at all; there the meta batch is processed
+first and, with ``jvp_reuse_forward=True``, the forward-mode pass over the train batch *is* the real
+forward of step 1 (one forward fewer, more activation memory). See
+:mod:`ddtas_lightning.policies.virtual_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ddtas_lightning.losses.base import MetricLoss
+from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.policies.base import StepBatch, StepOutput, ThresholdPolicy
+from ddtas_lightning.policies.virtual_step import (
+    FunctionalModel,
+    MetaGradient,
+    Params,
+    all_reduce_mean,
+    cotangent_meta_gradient,
+    exact_meta_gradient,
+    loss_and_gradient,
+    tangent_meta_gradient,
+    virtual_sgd_step,
+)
+
+GRANULARITIES = ("scalar", "pos_neg")
+MODES = ("exact", "jvp")
+STEP_RULES = ("adam", "sign")
+EXACT_IMPLS = ("identity", "double_backward")
+
+
+def similarities(embeddings: Tensor) -> Tensor:
+    """Cosine similarities of the (L2-normalised) embeddings of one batch: ``E E^T``."""
+    return embeddings @ embeddings.T
+
+
+class MetaThreshold(ThresholdPolicy):
+    """Learns the loss threshold lambda online by one-step look-ahead meta-learning (DDTAS OTG).
+
+    init: initial lambda (float, or ``[pos, neg]`` with ``pos_neg``); ``None`` takes the loss's own
+        ``threshold`` at the first step.
+    granularity: ``"scalar"`` (one lambda, 0-d) or ``"pos_neg"`` ((2,) = (lambda_pos, lambda_neg)).
+    mode: ``"exact"`` (the exact derivative through the virtual step, second order) or ``"jvp"``
+        (first order in eta: no virtual step, one forward-mode pass; cheapest).
+    inner_lr: eta of the virtual SGD step (1e-5: the papers' learning rate).
+    lr: step size of lambda per update (the step is normalised, so this is ~ the change per step).
+    step_rule: ``"adam"`` (bias-corrected moments of ``g / inner_lr``; the division makes ``eps``
+        independent of eta, since g is O(eta)) or ``"sign"`` (``lr * sign(g)``).
+    betas, eps: Adam's moment decays and denominator guard.
+    min, max: lambda is clamped to [min, max] after every update (and must start inside).
+    meta_threshold: the fixed lambda_0 of the meta loss (float or ``[pos, neg]``); ``None`` = the
+        initial lambda.
+    jvp_reuse_forward: ``mode="jvp"`` only: the forward-mode pass over the train batch doubles as the
+        real forward (one backbone forward fewer, more memory); ``False``: a separate graph-free pass.
+    exact_impl: ``mode="exact"`` only, two computations of the same exact derivative:
+        ``"identity"``: theta' from a plain gradient, ``v' = grad L_m(theta')``, then the identity
+        ``dL_m/dlambda = -eta (d/dlambda dL_t/dS)^T (J_S v')``, evaluated with one more backward
+        through the train graph (scalar) or one forward-mode pass (pos_neg): no double backward,
+        less time and memory; ``"double_backward"``: ``create_graph`` through the virtual step (the
+        literal form; the reference).
+
+    theta = the model's trainable parameters (``requires_grad``); a loss with parameters of its own
+    would be outside the virtual step (none of the current losses has any). The threshold learns only
+    with losses that are smooth in S (MS, soft contrastive, binomial): for hinge forms (contrastive,
+    triplet) ``d/dlambda dL/dS = 0`` almost everywhere, the meta gradient is exactly 0 and every
+    update is skipped.
+    BatchNorm: only the real forward of the train batch updates running statistics (once, as in a
+    static step); the meta-batch, virtual and tangent passes run on throw-away copies of the buffers,
+    so with BN in train mode they normalise with their own batch statistics and write nothing back.
+    The papers freeze BN (``backbone.freeze_bn=true``): then every pass uses the running statistics.
+    DDP: the lambda gradient is averaged over ranks before the update, so every rank holds the same
+    lambda and Adam state.
+
+    State (buffers, so checkpoints carry them): ``lam``, ``meta_lam``, ``exp_avg``, ``exp_avg_sq``,
+    ``step_count`` (Adam), ``initialized``. ``step`` skips the update (and logs ``meta/skipped``)
+    when the averaged meta gradient is non-finite or exactly zero (e.g. no meta pair).
+    Logs: ``train/lambda`` (``train/lambda_pos``, ``train/lambda_neg``), ``meta/loss``,
+    ``meta/grad_lambda`` (``_pos``, ``_neg``): the raw dL_meta/dlambda, ``meta/skipped``.
+    """
+
+    needs_meta_batch = True
+
+    def __init__(
+        self,
+        init: float | Sequence[float] | None = None,
+        granularity: str = "scalar",
+        mode: str = "exact",
+        inner_lr: float = 1e-5,
+        lr: float = 1e-3,
+        step_rule: str = "adam",
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        min: float = 0.3,  # noqa: A002 - config key
+        max: float = 0.9,  # noqa: A002 - config key
+        meta_threshold: float | Sequence[float] | None = None,
+        jvp_reuse_forward: bool = True,
+        exact_impl: str = "identity",
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"threshold_policy.granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if mode not in MODES:
+            raise ValueError(f"threshold_policy.mode must be one of {MODES}, got {mode!r}")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"threshold_policy.step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        if exact_impl not in EXACT_IMPLS:
+            raise ValueError(f"threshold_policy.exact_impl must be one of {EXACT_IMPLS}, got {exact_impl!r}")
+        if not float(min) <= float(max):
+            raise ValueError(f"threshold_policy.min ({min}) must be <= threshold_policy.max ({max})")
+        if inner_lr <= 0 or lr < 0:
+            raise ValueError(f"threshold_policy.inner_lr must be > 0 and lr >= 0, got {inner_lr}, {lr}")
+        betas = tuple(float(b) for b in betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"threshold_policy.betas must be two numbers in [0, 1), got {betas}")
+        self.granularity, self.mode, self.step_rule = granularity, mode, step_rule
+        self.inner_lr, self.lr, self.betas, self.eps = float(inner_lr), float(lr), betas, float(eps)
+        self.min, self.max = float(min), float(max)
+        self.jvp_reuse_forward = bool(jvp_reuse_forward)
+        self.exact_impl = exact_impl
+        shape = () if granularity == "scalar" else (2,)
+        self.register_buffer("lam", torch.zeros(shape))
+        self.register_buffer("meta_lam", torch.zeros(shape))
+        self.register_buffer("exp_avg", torch.zeros(shape))
+        self.register_buffer("exp_avg_sq", torch.zeros(shape))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._meta_threshold = meta_threshold
+        # Python-side cache of `initialized` (avoids a host sync per step); re-read after loading.
+        self._known_initialized = False
+        self.register_load_state_dict_post_hook(_forget_initialized)
+        if init is not None:
+            self._initialize(init)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _as_lambda(self, value: float | Sequence[float] | Tensor, what: str) -> Tensor:
+        if isinstance(value, Tensor):
+            t = value.detach().to("cpu", torch.float64)
+        elif isinstance(value, int | float):
+            t = torch.tensor(float(value), dtype=torch.float64)
+        else:  # a list / tuple / OmegaConf ListConfig
+            t = torch.tensor([float(v) for v in value], dtype=torch.float64)
+        if t.ndim == 0 and self.granularity == "pos_neg":
+            t = t.expand(2)
+        expected = tuple(self.lam.shape)
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"threshold_policy.{what} must be a number{' or [pos, neg]' if expected else ''} "
+                f"for granularity={self.granularity!r}, got {value!r}"
+            )
+        return t
+
+    @torch.no_grad()
+    def _initialize(self, init: float | Sequence[float] | Tensor) -> None:
+        lam = self._as_lambda(init, "init")
+        if bool((lam < self.min).any() or (lam > self.max).any()):
+            raise ValueError(
+                f"initial lambda {lam.tolist()} lies outside [threshold_policy.min, threshold_policy.max]"
+                f" = [{self.min}, {self.max}]; set init or the bounds"
+            )
+        meta = lam if self._meta_threshold is None else self._as_lambda(self._meta_threshold, "meta_threshold")
+        self.lam.copy_(lam)
+        self.meta_lam.copy_(meta)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.step_count.zero_()
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def current_threshold(self) -> Tensor | None:
+        return self.lam.detach().clone() if bool(self.initialized) else None
+
+    @torch.no_grad()
+    def update(self, grad: Tensor) -> Tensor:
+        """One normalised, clamped step of lambda along ``-grad`` (``grad`` = dL_meta/dlambda, already
+        averaged over ranks). Skipped when ``grad`` is non-finite or exactly zero; returns whether it
+        was applied (0-d bool). Branch-free: no host synchronisation."""
+        grad = grad.to(self.lam.dtype)
+        applied = torch.isfinite(grad).all() & (grad != 0).any()
+        grad = torch.where(applied, grad, torch.zeros_like(grad))
+        if self.step_rule == "sign":
+            direction = torch.sign(grad)
+        else:
+            g = grad / self.inner_lr  # O(1): the meta gradient itself is O(eta)
+            b1, b2 = self.betas
+            self.step_count += applied.long()
+            t = self.step_count.to(self.lam.dtype).clamp(min=1)
+            self.exp_avg.copy_(torch.where(applied, b1 * self.exp_avg + (1 - b1) * g, self.exp_avg))
+            self.exp_avg_sq.copy_(torch.where(applied, b2 * self.exp_avg_sq + (1 - b2) * g * g, self.exp_avg_sq))
+            m_hat = self.exp_avg / (1 - b1**t)
+            v_hat = self.exp_avg_sq / (1 - b2**t)
+            direction = torch.where(applied, m_hat / (v_hat.sqrt() + self.eps), torch.zeros_like(g))
+        self.lam.sub_(self.lr * direction).clamp_(self.min, self.max)
+        return applied
+
+    def _lambda_leaf(self, dtype: torch.dtype) -> Tensor:
+        """A differentiable copy of lambda (never an alias of the buffer, which is updated in place)."""
+        return self.lam.detach().to(dtype, copy=True).requires_grad_(True)
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
+        if batch.meta_images is None or batch.meta_labels is None:
+            raise ValueError(
+                "threshold_policy=meta needs a meta batch (StepBatch.meta_images / meta_labels); "
+                "the data module provides it when policy.needs_meta_batch is True"
+            )
+        if not self._known_initialized:
+            if not bool(self.initialized):
+                self._initialize(loss_fn.threshold)
+            self._known_initialized = True
+        fm = FunctionalModel(model)
+        meta_selection = PairSelection.all_pairs(batch.meta_labels)
+
+        def meta_loss_fn(params: Params) -> Tensor:
+            emb = fm(batch.meta_images, params, update_buffers=False)
+            sim_m = similarities(emb)
+            return loss_fn(sim_m, meta_selection, threshold=self.meta_lam.to(sim_m.dtype))
+
+        def head(s: Tensor, lam: Tensor) -> Tensor:  # the train loss on the fixed selection
+            return loss_fn(s, selection, threshold=lam)
+
+        if self.mode == "exact":
+            sim = similarities(fm(batch.images))  # the real forward: the only one updating BN stats
+            selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
+            lam_v = self._lambda_leaf(sim.dtype)
+            train_loss = head(sim, lam_v)
+            if self.exact_impl == "double_backward":
+                meta = exact_meta_gradient(train_loss, lam_v, meta_loss_fn, fm.params, self.inner_lr)
+            else:  # the exact identity with v' = grad L_meta(theta')
+                virtual = virtual_sgd_step(train_loss, fm.params, self.inner_lr, create_graph=False)
+                meta_loss, v_prime = loss_and_gradient(meta_loss_fn, virtual)
+                del virtual
+                if lam_v.numel() == 1:  # one backward through the retained train graph
+                    grad = cotangent_meta_gradient(head, sim, lam_v, v_prime, fm.params, self.inner_lr)
+                else:  # one forward-mode pass for both components
+                    _, sim_dot = fm.forward_with_tangent(
+                        batch.images, v_prime, fn=similarities, update_buffers=False, keep_graph=False
+                    )
+                    grad = tangent_meta_gradient(head, sim, sim_dot, lam_v, self.inner_lr)
+                meta = MetaGradient(grad, meta_loss)
+            del train_loss
+        else:  # first order: v = grad L_meta(theta), no virtual step
+            meta_loss, v = loss_and_gradient(meta_loss_fn, fm.params)
+            if self.jvp_reuse_forward:  # the forward-mode pass is the real forward
+                sim, sim_dot = fm.forward_with_tangent(batch.images, v, fn=similarities)
+            else:
+                sim = similarities(fm(batch.images))
+                _, sim_dot = fm.forward_with_tangent(
+                    batch.images, v, fn=similarities, update_buffers=False, keep_graph=False
+                )
+            selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
+            lam_v = self._lambda_leaf(sim.dtype)
+            meta = MetaGradient(tangent_meta_gradient(head, sim, sim_dot, lam_v, self.inner_lr), meta_loss)
+
+        grad = all_reduce_mean(meta.grad)
+        applied = self.update(grad)
+        loss = loss_fn(sim, selection, threshold=self.lam.detach().to(sim.dtype))
+        return StepOutput(loss=loss, selection=selection, logs=self._logs(meta.meta_loss, grad, applied))
+
+    def _logs(self, meta_loss: Tensor, grad: Tensor, applied: Tensor) -> dict[str, Tensor]:
+        lam, grad = self.lam.detach(), grad.detach()
+        logs = {"meta/loss": meta_loss.detach(), "meta/skipped": (~applied).float()}
+        if self.granularity == "scalar":
+            logs["train/lambda"] = lam.clone()
+            logs["meta/grad_lambda"] = grad
+        else:
+            logs.update({
+                "train/lambda_pos": lam[0].clone(), "train/lambda_neg": lam[1].clone(),
+                "meta/grad_lambda_pos": grad[0], "meta/grad_lambda_neg": grad[1],
+            })
+        return logs
+
+    def extra_repr(self) -> str:
+        return (
+            f"granularity={self.granularity}, mode={self.mode}, inner_lr={self.inner_lr}, lr={self.lr}, "
+            f"step_rule={self.step_rule}, min={self.min}, max={self.max}"
+        )
+
+
+def _forget_initialized(module: MetaThreshold, incompatible_keys) -> None:
+    module._known_initialized = False
