@@ -163,7 +163,7 @@ def write_metrics(output_dir: Path, cfg: DictConfig, results: dict) -> Path:
 
 def print_summary(results: dict) -> None:
     def row(name: str, m: dict, prefix: str) -> str:
-        keys = [k for k in m if k.startswith(prefix + "/")]
+        keys = [k for k in m if k.startswith(prefix + "/") and "/num_" not in k]
         return f"{name:<10}" + "  ".join(f"{k.split('/', 1)[1]} {100 * m[k]:6.2f}" for k in keys)
 
     print("\n== retrieval on the unseen test classes (%) ==")

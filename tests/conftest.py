@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -27,7 +28,7 @@ TINY_DATA = [
 ]
 
 
-def compose_train(overrides: list[str], tmp_path: Path, data_dir: Path) -> "DictConfig":  # noqa: F821
+def compose_train(overrides: list[str], tmp_path: Path, data_dir: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
