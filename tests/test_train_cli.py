@@ -90,10 +90,11 @@ def test_invalid_values_name_the_key(tiny_cfg, overrides, message):
         train(tiny_cfg(*overrides))
 
 
-def run_cli(*overrides, tmp_path, tiny=True):
+def run_cli(*overrides, tmp_path, tiny=True, multirun=False):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "ddtas_lightning.train", f"hydra.run.dir={tmp_path}/run",
+        [sys.executable, "-m", "ddtas_lightning.train", *(["-m"] if multirun else []),
+         f"hydra.run.dir={tmp_path}/run",
          f"paths.data_dir={tmp_path}/data", *(TINY_DATA if tiny else []), *overrides],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )
@@ -117,3 +118,12 @@ def test_cli_missing_dataset_names_the_file(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "CUB_200_2011" in proc.stderr
+
+
+def test_cli_multirun_sweep_writes_one_metrics_file_per_point(tmp_path):
+    proc = run_cli("loss.threshold=0.4,0.6", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
+                   f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, multirun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert [r["loss_threshold"] for r in results] == [0.4, 0.6]
+    assert all("loss.threshold=" in " ".join(r["overrides"]) for r in results)
