@@ -4,9 +4,11 @@ losses/, miners/, policies/ and metrics/."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,6 +65,13 @@ class DMLModule(pl.LightningModule):
         return self.model(images)
 
     # ---- training --------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # Lightning only calls set_epoch on a *sampler* (or batch_sampler.sampler); our P x K batch
+        # sampler is the batch_sampler itself, so the epoch (its seed) is set here.
+        batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if callable(getattr(batch_sampler, "set_epoch", None)):
+            batch_sampler.set_epoch(self.current_epoch)
+
     def split_batch(self, batch) -> StepBatch:
         """The data module appends the meta batch (if the policy wants one) after the train batch."""
         images, labels, _ = batch
@@ -152,8 +161,32 @@ class DMLModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Random state travels with the checkpoint so a resumed run draws the same augmentations and
+        # miner samples as an uninterrupted one (Lightning does not save RNG state itself).
         checkpoint["miner_generator_state"] = self.generator.get_state()
+        checkpoint["rng_states"] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "miner_generator_state" in checkpoint:
             self.generator.set_state(checkpoint["miner_generator_state"])
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+
+def capture_rng_states() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # Only tensors and plain Python values, so Lightning can load the checkpoint with weights_only=True.
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
