@@ -1,6 +1,6 @@
 from ddtas_lightning.miners.asms import ASMS
 from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS
-from ddtas_lightning.miners.base import BaseMiner, TripletMiner
+from ddtas_lightning.miners.base import BaseMiner, PairMiner, TripletMiner
 from ddtas_lightning.miners.batch_hard import BatchHardMiner
 from ddtas_lightning.miners.ms import MultiSimilarityMiner
 from ddtas_lightning.miners.none import AllPairsMiner
@@ -14,6 +14,7 @@ __all__ = [
     "AdaptiveToleranceASMS",
     "AllPairsMiner",
     "BaseMiner",
+    "PairMiner",
     "BatchHardMiner",
     "MultiSimilarityMiner",
     "NSPAMiner",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.miners.base import PairMiner
 from ddtas_lightning.miners.ms import hardest_similarities
-from ddtas_lightning.miners.selection import PairSelection, basic_stats, candidate_masks
+from ddtas_lightning.miners.selection import PairSelection, basic_stats
 
 
 def asms_masks(
@@ -22,7 +22,7 @@ def asms_masks(
     return pos & (sim < max_neg + gamma_pos), neg & (sim > min_pos - gamma_neg)
 
 
-class ASMS(BaseMiner):
+class ASMS(PairMiner):
     """Static asymmetric mining: ``gamma_pos = margin`` (lenient on positives), ``gamma_neg = margin / 10``
     (strict on negatives). Compare MS mining, ``gamma_pos = gamma_neg = epsilon``.
 
@@ -37,10 +37,8 @@ class ASMS(BaseMiner):
         exclude_self_by_value: bool = False,
         self_threshold: float = 1.0 - 1e-6,
     ) -> None:
-        super().__init__()
+        super().__init__(exclude_self_by_value, self_threshold)
         self.margin = float(margin)
-        self.exclude_self_by_value = bool(exclude_self_by_value)
-        self.self_threshold = float(self_threshold)
 
     def mine(
         self,
@@ -51,13 +49,7 @@ class ASMS(BaseMiner):
         epoch: float,
         generator: torch.Generator | None,
     ) -> PairSelection:
-        pos, neg = candidate_masks(
-            sim,
-            labels,
-            ref_labels,
-            exclude_self_by_value=self.exclude_self_by_value,
-            self_threshold=self.self_threshold,
-        )
+        pos, neg = self.candidates(sim, labels, ref_labels)
         gamma_pos = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
         gamma_neg = torch.tensor(self.margin / 10, dtype=sim.dtype, device=sim.device)
         pos_mask, neg_mask = asms_masks(sim, pos, neg, gamma_pos, gamma_neg)

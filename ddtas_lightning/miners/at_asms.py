@@ -7,14 +7,14 @@ import torch
 from torch import Tensor
 
 from ddtas_lightning.miners.asms import asms_masks
-from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.miners.base import PairMiner
 from ddtas_lightning.miners.ms import hardest_similarities
-from ddtas_lightning.miners.selection import PairSelection, basic_stats, candidate_masks
+from ddtas_lightning.miners.selection import PairSelection, basic_stats
 
 COUNT_NEG_MARGINS = ("m", "m/10")
 
 
-class AdaptiveToleranceASMS(BaseMiner):
+class AdaptiveToleranceASMS(PairMiner):
     """ASMS whose thresholds adapt to the batch, once per call (two passes, one gamma pair per batch).
 
     1. Counting pass: ``N_pos = sum_i |P_i|`` (all positive pairs) and
@@ -39,7 +39,7 @@ class AdaptiveToleranceASMS(BaseMiner):
         exclude_self_by_value: bool = False,
         self_threshold: float = 1.0 - 1e-6,
     ) -> None:
-        super().__init__()
+        super().__init__(exclude_self_by_value, self_threshold)
         if count_neg_margin not in COUNT_NEG_MARGINS:
             raise ValueError(f"count_neg_margin must be one of {COUNT_NEG_MARGINS}, got {count_neg_margin!r}")
         self.margin = float(margin)
@@ -57,13 +57,7 @@ class AdaptiveToleranceASMS(BaseMiner):
         epoch: float,
         generator: torch.Generator | None,
     ) -> PairSelection:
-        pos, neg = candidate_masks(
-            sim,
-            labels,
-            ref_labels,
-            exclude_self_by_value=self.exclude_self_by_value,
-            self_threshold=self.self_threshold,
-        )
+        pos, neg = self.candidates(sim, labels, ref_labels)
         m = self.margin
         gamma_count = m if self.count_neg_margin == "m" else m / 10
         min_pos, _ = hardest_similarities(sim, pos, neg)

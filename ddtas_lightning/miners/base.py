@@ -10,6 +10,7 @@ from ddtas_lightning.miners.selection import (
     DISTANCES,
     PairSelection,
     anchor_positive_pairs,
+    candidate_masks,
     label_masks,
     random_choice_per_row,
     sim_to_distance,
@@ -121,3 +122,27 @@ class TripletMiner(BaseMiner):
             a, p, n = a[ok], p[ok], n[ok]
         margin = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
         return triplet_selection(a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin})
+
+
+class PairMiner(BaseMiner):
+    """Base of the threshold pair miners (MS, ASMS, AT-ASMS): owns the self-exclusion option.
+
+    ``exclude_self_by_value=True`` reproduces the official code (same-label candidates with
+    ``S >= self_threshold`` dropped, no index mask; spec ddtas.md §6.5); the default excludes the self
+    pair by index.
+    """
+
+    def __init__(self, exclude_self_by_value: bool = False, self_threshold: float = 1.0 - 1e-6) -> None:
+        super().__init__()
+        self.exclude_self_by_value = bool(exclude_self_by_value)
+        self.self_threshold = float(self_threshold)
+
+    def candidates(self, sim: Tensor, labels: Tensor, ref_labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """All positive / negative candidates of each anchor, before mining."""
+        return candidate_masks(
+            sim,
+            labels,
+            ref_labels,
+            exclude_self_by_value=self.exclude_self_by_value,
+            self_threshold=self.self_threshold,
+        )

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddtas_lightning.miners.base import BaseMiner
-from ddtas_lightning.miners.selection import PairSelection, basic_stats, candidate_masks
+from ddtas_lightning.miners.base import PairMiner
+from ddtas_lightning.miners.selection import PairSelection, basic_stats
 
 
 def hardest_similarities(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
@@ -20,7 +20,7 @@ def hardest_similarities(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor,
     return min_pos, max_neg
 
 
-class MultiSimilarityMiner(BaseMiner):
+class MultiSimilarityMiner(PairMiner):
     """MS mining with one tolerance epsilon for both sides.
 
     For anchor i with positives P_i and negatives N_i (all of them, before mining):
@@ -41,10 +41,8 @@ class MultiSimilarityMiner(BaseMiner):
         exclude_self_by_value: bool = False,
         self_threshold: float = 1.0 - 1e-5,
     ) -> None:
-        super().__init__()
+        super().__init__(exclude_self_by_value, self_threshold)
         self.epsilon = float(epsilon)
-        self.exclude_self_by_value = bool(exclude_self_by_value)
-        self.self_threshold = float(self_threshold)
 
     def mine(
         self,
@@ -55,13 +53,7 @@ class MultiSimilarityMiner(BaseMiner):
         epoch: float,
         generator: torch.Generator | None,
     ) -> PairSelection:
-        pos, neg = candidate_masks(
-            sim,
-            labels,
-            ref_labels,
-            exclude_self_by_value=self.exclude_self_by_value,
-            self_threshold=self.self_threshold,
-        )
+        pos, neg = self.candidates(sim, labels, ref_labels)
         min_pos, max_neg = hardest_similarities(sim, pos, neg)
         pos_mask = pos & (sim - self.epsilon < max_neg)
         neg_mask = neg & (sim + self.epsilon > min_pos)
