@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
+from ddtas_lightning.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         on_bad_image: str = "fail",
     ) -> None:
-        if on_bad_image not in BAD_IMAGE_MODES:
-            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_MODES}, got {on_bad_image!r}")
+        check_choice("on_bad_image", on_bad_image, BAD_IMAGE_MODES)
         self.records = records
         self.paths = list(records.paths)
         self.labels = torch.as_tensor(list(records.labels), dtype=torch.long)

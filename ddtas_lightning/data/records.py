@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ddtas_lightning.validation import check_choice
+
 
 class DatasetLayoutError(RuntimeError):
     """A dataset on disk does not match the layout its loader expects. The message names the file."""
@@ -61,5 +63,4 @@ class DatasetSource:
         raise NotImplementedError
 
     def check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
+        check_choice("split", split, self.splits)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ddtas_lightning.losses.base import MetricLoss, upcast
 from ddtas_lightning.miners.selection import DISTANCES, PairSelection, enumerate_triplets, sim_to_distance
+from ddtas_lightning.validation import check_choice
 
 
 class TripletMarginLoss(MetricLoss):
@@ -27,8 +28,7 @@ class TripletMarginLoss(MetricLoss):
 
     def __init__(self, threshold: float = 0.2, distance: str = "euclidean", squared: bool = False) -> None:
         super().__init__(threshold)
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        check_choice("distance", distance, DISTANCES)
         if squared and distance != "euclidean":
             raise ValueError("squared=True needs distance='euclidean'")
         self.distance = distance

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddtas_lightning.validation import check_choice
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["torch", "faiss"]
@@ -108,8 +110,7 @@ class KNNIndex:
         reference_ids: Tensor | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, BACKENDS)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.backend = backend

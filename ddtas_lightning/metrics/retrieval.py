@@ -34,6 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ddtas_lightning.metrics.clustering import clustering_nmi
 from ddtas_lightning.metrics.neighbors import BACKENDS, Backend, KNNIndex
+from ddtas_lightning.validation import check_choice
 
 DEFAULT_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
 _OUTPUT_BLOCK_ELEMENTS = 2**22  # (queries x k) neighbour block held at once
@@ -97,8 +98,7 @@ def compute_retrieval_metrics(
     metrics).
     """
     recall_ks = _check_recall_ks(recall_ks)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D, got shape {tuple(embeddings.shape)}")
     n = len(embeddings)
@@ -231,8 +231,7 @@ class RetrievalMetrics(Metric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, BACKENDS)
         self.recall_ks = _check_recall_ks(recall_ks)
         self.backend = backend
         self.map_at_r = map_at_r

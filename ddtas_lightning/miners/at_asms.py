@@ -10,6 +10,7 @@ from ddtas_lightning.miners.asms import asms_masks
 from ddtas_lightning.miners.base import PairMiner
 from ddtas_lightning.miners.ms import hardest_similarities
 from ddtas_lightning.miners.selection import PairSelection, basic_stats
+from ddtas_lightning.validation import check_choice
 
 COUNT_NEG_MARGINS = ("m", "m/10")
 
@@ -40,8 +41,7 @@ class AdaptiveToleranceASMS(PairMiner):
         self_threshold: float = 1.0 - 1e-6,
     ) -> None:
         super().__init__(exclude_self_by_value, self_threshold)
-        if count_neg_margin not in COUNT_NEG_MARGINS:
-            raise ValueError(f"count_neg_margin must be one of {COUNT_NEG_MARGINS}, got {count_neg_margin!r}")
+        check_choice("count_neg_margin", count_neg_margin, COUNT_NEG_MARGINS)
         self.margin = float(margin)
         self.count_neg_margin = count_neg_margin
         self.tolerance_scale = float(tolerance_scale)

@@ -16,6 +16,7 @@ from ddtas_lightning.miners.selection import (
     sim_to_distance,
     triplet_selection,
 )
+from ddtas_lightning.validation import check_choice
 
 
 class BaseMiner(nn.Module):
@@ -88,10 +89,8 @@ class TripletMiner(BaseMiner):
 
     def __init__(self, margin: float = 0.2, distance: str = "euclidean", select: str = "all") -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        if select not in SELECTS:
-            raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+        check_choice("distance", distance, DISTANCES)
+        check_choice("select", select, SELECTS)
         self.margin = float(margin)
         self.distance = distance
         self.select = select

@@ -13,6 +13,7 @@ from ddtas_lightning.miners.selection import (
     sim_to_distance,
     triplet_selection,
 )
+from ddtas_lightning.validation import check_choice
 
 
 class BatchHardMiner(BaseMiner):
@@ -27,8 +28,7 @@ class BatchHardMiner(BaseMiner):
 
     def __init__(self, margin: float | None = None, distance: str = "euclidean") -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        check_choice("distance", distance, DISTANCES)
         self.margin = None if margin is None else float(margin)
         self.distance = distance
 

@@ -25,6 +25,7 @@ from ddtas_lightning.miners.selection import (
     triplet_selection,
     uniform_like,
 )
+from ddtas_lightning.validation import check_choice
 
 POLICIES = ("random_hard", "semi_hard", "hardest")
 DRAWS = ("pair", "batch")
@@ -95,10 +96,8 @@ def nspa_select(
     per call), then the negative keys ``U_neg`` (pairs x M), both from ``generator``. The policy is
     0 if ``U_pol < P_H``, 1 if ``U_pol < P_H + P_SH``, else 2.
     """
-    if draw not in DRAWS:
-        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
-    if on_empty not in ON_EMPTY:
-        raise ValueError(f"on_empty must be one of {ON_EMPTY}, got {on_empty!r}")
+    check_choice("draw", draw, DRAWS)
+    check_choice("on_empty", on_empty, ON_EMPTY)
     device = dist.device
     a, p = anchor_positive_pairs(pos, unordered=unordered)
     num_pairs = a.numel()
@@ -169,14 +168,10 @@ class NSPAMiner(BaseMiner):
         on_empty: str = "skip",
     ) -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        if draw not in DRAWS:
-            raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
-        if pairs not in PAIRS:
-            raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
-        if on_empty not in ON_EMPTY:
-            raise ValueError(f"on_empty must be one of {ON_EMPTY}, got {on_empty!r}")
+        check_choice("distance", distance, DISTANCES)
+        check_choice("draw", draw, DRAWS)
+        check_choice("pairs", pairs, PAIRS)
+        check_choice("on_empty", on_empty, ON_EMPTY)
         p_init = tuple(float(x) for x in p_init)
         if len(p_init) != 3:
             raise ValueError(f"p_init must have 3 entries (random_hard, semi_hard, hardest), got {p_init}")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddtas_lightning.validation import check_choice
+
 POOLINGS = ("avg", "max", "avg+max")
 
 
@@ -37,8 +39,7 @@ class Embedder(nn.Module):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"backbone.dim must be a positive integer, got {dim}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"backbone.pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_choice("backbone.pooling", pooling, POOLINGS)
         if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
             raise ValueError(
                 f"backbone.model_name {model_name!r} is not a timm model (see timm.list_models())"

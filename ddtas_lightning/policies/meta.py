@@ -48,6 +48,7 @@ from ddtas_lightning.policies.virtual_step import (
     tangent_meta_gradient,
     virtual_sgd_step,
 )
+from ddtas_lightning.validation import check_choice
 
 GRANULARITIES = ("scalar", "pos_neg")
 MODES = ("exact", "jvp")
@@ -123,14 +124,10 @@ class MetaThreshold(ThresholdPolicy):
         exact_impl: str = "identity",
     ) -> None:
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"threshold_policy.granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if mode not in MODES:
-            raise ValueError(f"threshold_policy.mode must be one of {MODES}, got {mode!r}")
-        if step_rule not in STEP_RULES:
-            raise ValueError(f"threshold_policy.step_rule must be one of {STEP_RULES}, got {step_rule!r}")
-        if exact_impl not in EXACT_IMPLS:
-            raise ValueError(f"threshold_policy.exact_impl must be one of {EXACT_IMPLS}, got {exact_impl!r}")
+        check_choice("threshold_policy.granularity", granularity, GRANULARITIES)
+        check_choice("threshold_policy.mode", mode, MODES)
+        check_choice("threshold_policy.step_rule", step_rule, STEP_RULES)
+        check_choice("threshold_policy.exact_impl", exact_impl, EXACT_IMPLS)
         if not float(min) <= float(max):
             raise ValueError(f"threshold_policy.min ({min}) must be <= threshold_policy.max ({max})")
         if inner_lr <= 0 or lr < 0:
