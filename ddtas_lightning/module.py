@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ddtas_lightning.distributed import gather
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.metrics import RetrievalMetrics
 from ddtas_lightning.miners.base import BaseMiner
@@ -74,12 +75,16 @@ class DMLModule(pl.LightningModule):
 
     def split_batch(self, batch) -> StepBatch:
         """The data module appends the meta batch (if the policy wants one) after the train batch."""
-        images, labels, _ = batch
-        step = StepBatch(images, labels, epoch=self.current_epoch, generator=self.generator)
+        images, labels, index = batch
+        step = StepBatch(images, labels, epoch=self.current_epoch, generator=self.generator, indices=index,
+                         global_step=self.global_step)
         if self.policy.needs_meta_batch:
             n = len(labels) - self.meta_batch_size
             step.images, step.meta_images = images[:n], images[n:]
             step.labels, step.meta_labels = labels[:n], labels[n:]
+            step.indices, step.meta_indices = index[:n], index[n:]
+        # Policies compute the loss of the global batch (see ddtas_lightning.distributed).
+        step.labels, step.indices = gather(step.labels), gather(step.indices)
         return step
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -93,7 +98,9 @@ class DMLModule(pl.LightningModule):
             finite = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
         else:
             finite = False
-        if finite:
+        if finite and out.skip_update:
+            self.nonfinite_in_a_row.zero_()
+        elif finite:
             opt.step()
             self.nonfinite_in_a_row.zero_()
         else:

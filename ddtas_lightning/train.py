@@ -53,7 +53,8 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         transform=instantiate(cfg.transform),
         seed=int(cfg.seed),
         with_meta_batch=policy.needs_meta_batch,
-        **OmegaConf.to_container(cfg.data, resolve=True),
+        **{**OmegaConf.to_container(cfg.data, resolve=True),
+           **({"meta_K": policy.meta_K} if policy.meta_K is not None else {})},
     )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DMLModule(

@@ -1,4 +1,12 @@
-from ddtas_lightning.policies.base import StepBatch, StepOutput, ThresholdPolicy, embed_and_mine
+from ddtas_lightning.policies.base import (
+    StepBatch,
+    StepOutput,
+    ThresholdPolicy,
+    embed_and_mine,
+    global_embeddings,
+    global_similarities_with_tangent,
+    similarities,
+)
 from ddtas_lightning.policies.meta import MetaThreshold
 from ddtas_lightning.policies.static import StaticThreshold
 from ddtas_lightning.policies.virtual_step import (
@@ -21,6 +29,9 @@ __all__ = [
     "ThresholdPolicy",
     "cotangent_meta_gradient",
     "embed_and_mine",
+    "global_embeddings",
+    "global_similarities_with_tangent",
+    "similarities",
     "exact_meta_gradient",
     "loss_and_gradient",
     "tangent_meta_gradient",

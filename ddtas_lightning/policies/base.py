@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ddtas_lightning.distributed import gather, gather_with_grad
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
@@ -18,7 +19,13 @@ from ddtas_lightning.miners.selection import PairSelection
 
 @dataclass
 class StepBatch:
-    """Everything a policy may use in one training step."""
+    """Everything a policy may use in one training step.
+
+    images: this rank's share of the global train batch. labels / indices: labels and dataset indices
+    of the *global* batch (all ranks, rank order; equal to this rank's under a single process), i.e.
+    of the rows of :func:`global_embeddings`. meta_*: the meta batch (identical on every rank).
+    global_step: optimiser steps taken so far (schedules counted in steps).
+    """
 
     images: Tensor
     labels: Tensor
@@ -26,15 +33,24 @@ class StepBatch:
     generator: torch.Generator | None = None
     meta_images: Tensor | None = None
     meta_labels: Tensor | None = None
+    indices: Tensor | None = None
+    meta_indices: Tensor | None = None
+    global_step: int = 0
 
 
 @dataclass
 class StepOutput:
-    """The loss to back-propagate for the real update, and what to log (0-d tensors)."""
+    """The loss to back-propagate for the real update, and what to log (0-d tensors).
+
+    skip_update: the policy has nothing to learn from this step (e.g. MMSI's memory warm-up): the
+    module still back-propagates ``loss`` (a zero with a graph, so DDP's gradient sync stays in step)
+    but takes no optimiser step. Must be the same on every rank.
+    """
 
     loss: Tensor
     selection: PairSelection
     logs: dict[str, Tensor] = field(default_factory=dict)
+    skip_update: bool = False
 
 
 class ThresholdPolicy(nn.Module):
@@ -44,6 +60,9 @@ class ThresholdPolicy(nn.Module):
     """
 
     needs_meta_batch = False
+    # The meta batch's images per class when the policy needs a specific one (MMSI: 1), else None
+    # (``data.meta_K``).
+    meta_K: int | None = None
 
     def current_threshold(self) -> Tensor | None:
         """The lambda the loss should use now (None: the loss's own configured threshold)."""
@@ -53,9 +72,28 @@ class ThresholdPolicy(nn.Module):
         raise NotImplementedError
 
 
+def similarities(embeddings: Tensor) -> Tensor:
+    """Cosine similarities of the (L2-normalised) embeddings of one batch: ``E E^T``."""
+    return embeddings @ embeddings.T
+
+
+def global_embeddings(local: Tensor) -> Tensor:
+    """The embeddings of the whole global batch from this rank's rows (gathered with gradient under
+    DDP; the identity otherwise). See :mod:`ddtas_lightning.distributed`."""
+    return gather_with_grad(local)
+
+
+def global_similarities_with_tangent(local: Tensor, local_tangent: Tensor) -> tuple[Tensor, Tensor]:
+    """``(S, Sdot)`` of the global batch from this rank's embeddings and their forward-mode tangent:
+    ``S = E E^T`` (E gathered with gradient), ``Sdot = Edot E^T + E Edot^T`` (tangents gathered, constant)."""
+    emb = global_embeddings(local)
+    emb_dot = gather(local_tangent.detach())
+    e = emb.detach()
+    return similarities(emb), emb_dot @ e.T + e @ emb_dot.T
+
+
 def embed_and_mine(model: nn.Module, miner: BaseMiner, batch: StepBatch) -> tuple[Tensor, PairSelection]:
-    """Embeddings of the train batch, their similarity matrix and the miner's selection (computed once)."""
-    embeddings = model(batch.images)
-    sim = embeddings @ embeddings.T
+    """Similarity matrix of the global train batch and the miner's selection (computed once)."""
+    sim = similarities(global_embeddings(model(batch.images)))
     selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
     return sim, selection

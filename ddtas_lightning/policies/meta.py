@@ -33,10 +33,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ddtas_lightning.distributed import is_distributed
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.policies.base import StepBatch, StepOutput, ThresholdPolicy
+from ddtas_lightning.policies.base import (
+    StepBatch,
+    StepOutput,
+    ThresholdPolicy,
+    global_embeddings,
+    global_similarities_with_tangent,
+    similarities,
+)
 from ddtas_lightning.policies.virtual_step import (
     FunctionalModel,
     MetaGradient,
@@ -54,11 +62,6 @@ GRANULARITIES = ("scalar", "pos_neg")
 MODES = ("exact", "jvp")
 STEP_RULES = ("adam", "sign")
 EXACT_IMPLS = ("identity", "double_backward")
-
-
-def similarities(embeddings: Tensor) -> Tensor:
-    """Cosine similarities of the (L2-normalised) embeddings of one batch: ``E E^T``."""
-    return embeddings @ embeddings.T
 
 
 class MetaThreshold(ThresholdPolicy):
@@ -242,11 +245,16 @@ class MetaThreshold(ThresholdPolicy):
             return loss_fn(s, selection, threshold=lam)
 
         if self.mode == "exact":
-            sim = similarities(fm(batch.images))  # the real forward: the only one updating BN stats
+            sim = similarities(global_embeddings(fm(batch.images)))  # the real forward: updates BN stats
             selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
             lam_v = self._lambda_leaf(sim.dtype)
             train_loss = head(sim, lam_v)
             if self.exact_impl == "double_backward":
+                if is_distributed():
+                    raise ValueError(
+                        "threshold_policy.exact_impl=double_backward is single-process only; "
+                        "use exact_impl=identity (the same derivative) under DDP"
+                    )
                 meta = exact_meta_gradient(train_loss, lam_v, meta_loss_fn, fm.params, self.inner_lr)
             else:  # the exact identity with v' = grad L_meta(theta')
                 virtual = virtual_sgd_step(train_loss, fm.params, self.inner_lr, create_graph=False)
@@ -255,21 +263,21 @@ class MetaThreshold(ThresholdPolicy):
                 if lam_v.numel() == 1:  # one backward through the retained train graph
                     grad = cotangent_meta_gradient(head, sim, lam_v, v_prime, fm.params, self.inner_lr)
                 else:  # one forward-mode pass for both components
-                    _, sim_dot = fm.forward_with_tangent(
-                        batch.images, v_prime, fn=similarities, update_buffers=False, keep_graph=False
+                    emb, emb_dot = fm.forward_with_tangent(
+                        batch.images, v_prime, update_buffers=False, keep_graph=False
                     )
+                    _, sim_dot = global_similarities_with_tangent(emb, emb_dot)
                     grad = tangent_meta_gradient(head, sim, sim_dot, lam_v, self.inner_lr)
                 meta = MetaGradient(grad, meta_loss)
             del train_loss
         else:  # first order: v = grad L_meta(theta), no virtual step
             meta_loss, v = loss_and_gradient(meta_loss_fn, fm.params)
             if self.jvp_reuse_forward:  # the forward-mode pass is the real forward
-                sim, sim_dot = fm.forward_with_tangent(batch.images, v, fn=similarities)
+                sim, sim_dot = global_similarities_with_tangent(*fm.forward_with_tangent(batch.images, v))
             else:
-                sim = similarities(fm(batch.images))
-                _, sim_dot = fm.forward_with_tangent(
-                    batch.images, v, fn=similarities, update_buffers=False, keep_graph=False
-                )
+                sim = similarities(global_embeddings(fm(batch.images)))
+                emb, emb_dot = fm.forward_with_tangent(batch.images, v, update_buffers=False, keep_graph=False)
+                _, sim_dot = global_similarities_with_tangent(emb, emb_dot)
             selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
             lam_v = self._lambda_leaf(sim.dtype)
             meta = MetaGradient(tangent_meta_gradient(head, sim, sim_dot, lam_v, self.inner_lr), meta_loss)

@@ -50,10 +50,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
+
+from ddtas_lightning.distributed import all_reduce_mean, all_reduce_mean_  # noqa: F401 - re-exported
 
 Params = dict[str, Tensor]
 
@@ -147,6 +148,9 @@ def virtual_sgd_step(loss: Tensor, params: Mapping[str, Tensor], lr: float, *,
     if create_graph:
         return {n: p - lr * grads[n] for n, p in params.items()}
     names = list(params)
+    # Under DDP the loss is the global batch's on every rank and each rank holds the gradient through
+    # its own rows (times W): the mean over ranks is the full gradient (ddtas_lightning.distributed).
+    all_reduce_mean_([grads[n] for n in names])
     with torch.no_grad():  # constants: one fused loop, no graph
         stepped = torch._foreach_add([params[n] for n in names], [grads[n] for n in names], alpha=-lr)
     return dict(zip(names, stepped))
@@ -259,17 +263,6 @@ def cotangent_meta_gradient(
             (direction[n].to(g.dtype) * g).sum() for n, g in zip(names, u) if g is not None
         )
     return out.detach()
-
-
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """Average ``t`` over the ranks when ``torch.distributed`` is initialised (else return it).
-
-    Every rank must call it at the same point (it is a collective)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
 
 
 __all__ = [
