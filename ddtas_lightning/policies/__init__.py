@@ -8,6 +8,8 @@ from ddtas_lightning.policies.base import (
     similarities,
 )
 from ddtas_lightning.policies.meta import MetaThreshold
+from ddtas_lightning.policies.mmsi import MMSI
+from ddtas_lightning.policies.pair_weights import MetaPairWeights
 from ddtas_lightning.policies.static import StaticThreshold
 from ddtas_lightning.policies.virtual_step import (
     FunctionalModel,
@@ -21,7 +23,9 @@ from ddtas_lightning.policies.virtual_step import (
 
 __all__ = [
     "FunctionalModel",
+    "MMSI",
     "MetaGradient",
+    "MetaPairWeights",
     "MetaThreshold",
     "StaticThreshold",
     "StepBatch",
