@@ -6,15 +6,18 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ddtas_lightning.checkpointing import restore_buffers, snapshot_buffers
 from ddtas_lightning.distributed import gather
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.metrics import RetrievalMetrics
+from ddtas_lightning.metrics.cluster_stats import ClusterStatistics
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.policies.base import StepBatch, ThresholdPolicy
 
@@ -44,6 +47,7 @@ class DMLModule(pl.LightningModule):
         recall_ks: tuple[int, ...] = (1, 2, 4, 8),
         knn_backend: str = "torch",
         compute_nmi: bool = True,
+        cluster_stats: bool = False,
         max_nonfinite_steps: int = 10,
         meta_batch_size: int = 0,
         seed: int = 0,
@@ -55,6 +59,9 @@ class DMLModule(pl.LightningModule):
         self.recall_ks = tuple(int(k) for k in recall_ks)
         self.val_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
         self.test_metrics = RetrievalMetrics(recall_ks=self.recall_ks, backend=knn_backend, nmi=compute_nmi)
+        # NSPA's cluster statistics (metrics.cluster_stats), logged beside the retrieval metrics
+        self.val_cluster_stats = ClusterStatistics() if cluster_stats else None
+        self.test_cluster_stats = ClusterStatistics() if cluster_stats else None
         self.max_nonfinite_steps = max_nonfinite_steps
         self.meta_batch_size = meta_batch_size
         self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long))
@@ -91,11 +98,15 @@ class DMLModule(pl.LightningModule):
         opt = self.optimizers()
         step = self.split_batch(batch)
         labels = step.labels
+        # The step may change buffers before its loss is known (BatchNorm statistics in the forward, the
+        # meta policy's lambda, a memory bank); a non-finite step puts them back (see below).
+        before = snapshot_buffers(self.model, self.policy, self.loss_fn)
         out = self.policy.step(self.model, self.loss_fn, self.miner, step)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(out.loss):
             self.manual_backward(out.loss)
-            finite = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
+            params = [*self.model.parameters(), *self.loss_fn.parameters()]
+            finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
         else:
             finite = False
         if finite and out.skip_update:
@@ -104,19 +115,38 @@ class DMLModule(pl.LightningModule):
             opt.step()
             self.nonfinite_in_a_row.zero_()
         else:
+            restore_buffers(before)  # weights are untouched (no optimiser step), so all is as before
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            log.warning("non-finite loss or gradient at step %d: update skipped", self.global_step)
+            log.warning(
+                "non-finite loss or gradient at step %d (batch %d of epoch %d): update skipped "
+                "(%d in a row, %d in all)", self.global_step, batch_idx, self.current_epoch,
+                int(self.nonfinite_in_a_row), int(self.nonfinite_total),
+            )
             if int(self.nonfinite_in_a_row) >= self.max_nonfinite_steps:
+                path = self._save_last_good_state()
                 raise NonFiniteLossError(
-                    f"{int(self.nonfinite_in_a_row)} non-finite losses/gradients in a row "
-                    f"(trainer stops after module.max_nonfinite_steps={self.max_nonfinite_steps})"
+                    f"{int(self.nonfinite_in_a_row)} non-finite losses/gradients in a row at step "
+                    f"{self.global_step} (the run stops after module.max_nonfinite_steps="
+                    f"{self.max_nonfinite_steps}); the last good state (the weights before these steps) "
+                    f"is saved in {path}. Lower optimizer.lr or check the data; the run can continue "
+                    f"from it with ckpt_path={path}"
                 )
         sched = self.lr_schedulers()
         if sched is not None and self.trainer.is_last_batch:
             sched.step()
         self._log_step(out.loss.detach(), out.selection, out.logs, len(labels))
         return out.loss.detach()
+
+    def _save_last_good_state(self) -> Path:
+        """``checkpoints/nonfinite_stop.ckpt`` next to the other checkpoints. Skipped steps change
+        neither weights nor optimiser state and their buffer changes were undone, so the current state
+        is the one after the last finite step (the loop position and RNG are the current ones)."""
+        callback = self.trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints"
+        path = Path(directory) / "nonfinite_stop.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
 
     def _log_step(self, loss: Tensor, selection, logs: dict[str, Tensor], batch_size: int) -> None:
         values = {
@@ -139,7 +169,11 @@ class DMLModule(pl.LightningModule):
             cpu_index = index.cpu()
             is_query = dataset.is_query[cpu_index].to(index.device)
             is_gallery = dataset.is_gallery[cpu_index].to(index.device)
-        metrics.update(self.model(images), labels, index, is_query=is_query, is_gallery=is_gallery)
+        embeddings = self.model(images)
+        metrics.update(embeddings, labels, index, is_query=is_query, is_gallery=is_gallery)
+        cluster = getattr(self, f"{split}_cluster_stats", None)
+        if cluster is not None:
+            cluster.update(embeddings, labels, index)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(self.val_metrics, batch, "val")
@@ -147,16 +181,21 @@ class DMLModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(self.test_metrics, batch, "test")
 
-    def _log_eval(self, metrics: RetrievalMetrics, prefix: str) -> None:
+    def _log_eval(
+        self, metrics: RetrievalMetrics, prefix: str, cluster: ClusterStatistics | None = None
+    ) -> None:
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()}
         metrics.reset()
+        if cluster is not None:
+            values.update({f"{prefix}/{k}": float(v) for k, v in cluster.compute().items()})
+            cluster.reset()
         self.log_dict(values)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval(self.val_metrics, "val")
+        self._log_eval(self.val_metrics, "val", self.val_cluster_stats)
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval(self.test_metrics, self.test_prefix)
+        self._log_eval(self.test_metrics, self.test_prefix, self.test_cluster_stats)
 
     # ---- optimisation and state ------------------------------------------------------------------
     def configure_optimizers(self):

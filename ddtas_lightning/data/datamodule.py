@@ -6,10 +6,13 @@ import logging
 import math
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ddtas_lightning.data.batch_rng import BatchSeededDataset
 from ddtas_lightning.data.records import DatasetSource, SplitRecords
-from ddtas_lightning.data.sampler import PKBatchSampler, WithMetaBatch
+from ddtas_lightning.data.sampler import PKBatchSampler, ResumableDataLoader, WithMetaBatch, fit_position
+from ddtas_lightning.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,7 @@ def split_off_classes(records: SplitRecords, fraction: float) -> tuple[SplitReco
     classes = sorted(set(records.labels))
     n_val = round(len(classes) * fraction)
     if not 0 < n_val < len(classes):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={fraction} leaves {n_val} of {len(classes)} train classes for validation; "
             "use 0 (validate on the test split) or a fraction giving at least 1 class to each side"
         )
@@ -113,6 +116,8 @@ class DMLDataModule(pl.LightningDataModule):
         from ddtas_lightning.data.image_dataset import ImageDataset
 
         tf = self.transform.train if train else self.transform.test
+        if hasattr(self.source, "make_dataset"):  # sources of non-image data (e.g. gaussian_clusters)
+            return self.source.make_dataset(records, tf)
         return ImageDataset(records, tf, on_bad_image=self.on_bad_image)
 
     def prepare_data(self) -> None:
@@ -130,6 +135,7 @@ class DMLDataModule(pl.LightningDataModule):
             train, val = split_off_classes(train, self.val_fraction)
         else:
             val = test
+        self._check_classes(train)
         self.train_set = self._dataset(train, train=True)
         self.val_set = self._dataset(val, train=False)
         self.test_set = self.val_set if val is test else self._dataset(test, train=False)
@@ -137,6 +143,19 @@ class DMLDataModule(pl.LightningDataModule):
             "data: train %d images / %d classes, val %d / %d, test %d / %d",
             len(train), train.num_classes, len(val), val.num_classes, len(test), test.num_classes,
         )
+
+    def _check_classes(self, train: SplitRecords) -> None:
+        """P x K (and the meta batch's) classes must exist in the train split; checked here, at set-up,
+        rather than by the sampler when training starts (after the untrained evaluation)."""
+        meta_p = self.meta_batch_size // self.meta_K if self.with_meta_batch else 0
+        for p, what in ((self.P, f"data.batch_size={self.batch_size} / data.K={self.K}"),
+                        (meta_p, f"data.meta_batch_size={self.meta_batch_size} / data.meta_K={self.meta_K}")):
+            if p > train.num_classes:
+                raise ConfigError(
+                    f"{what} = {p} classes per batch, but the train split has only {train.num_classes} "
+                    f"classes; use at most {train.num_classes} classes per batch (a smaller batch size or "
+                    "a larger K)"
+                )
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -159,9 +178,15 @@ class DMLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
-        if self.trainer is not None:
-            sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(self.train_set, batch_sampler=sampler, **self.loader_kwargs)
+        if self.trainer is not None:  # a resumed fit continues at the next batch of its epoch
+            sampler.resume(*fit_position(self.trainer))
+        # Augmentations are seeded per sample (batch_rng), and the loader's own generator supplies the
+        # worker base seeds, so creating an iterator never draws from the global RNG (which a
+        # checkpoint restores, and a resumed run would otherwise consume at a different point).
+        return ResumableDataLoader(
+            BatchSeededDataset(self.train_set), batch_sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs,
+        )
 
     def _eval_loader(self, dataset) -> DataLoader:
         world, rank = self._world()

@@ -6,7 +6,9 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from ddtas_lightning.data.batch_rng import SeededBatch, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +22,18 @@ class PKBatchSampler(Sampler[list[int]]):
     permutations too, so every image is seen before any repeats. A class with fewer than K images is
     sampled with replacement (reported once).
 
-    DDP: ``num_replicas`` ranks split each global batch by classes, rank r getting classes
-    ``r, r + W, ...`` (P must be divisible by W). One process with batch P x K and W processes with
-    (P/W) x K each therefore see exactly the same images at every step, which is what makes the two
-    set-ups comparable. Randomness depends only on (seed, epoch): call :meth:`set_epoch` each epoch.
+    DDP: ``num_replicas`` ranks split each global batch by classes, rank r getting the r-th
+    contiguous block of P/W classes (P must be divisible by W). One process with batch P x K and W
+    processes with (P/W) x K each therefore see exactly the same images at every step, and the
+    rank-order concatenation of the shares (what the training step gathers) is the single-process
+    batch in the same order, so even order-dependent draws (random miners) agree. Randomness depends
+    only on (seed, epoch): call :meth:`set_epoch` each epoch.
+
+    Each batch is a :class:`SeededBatch` whose seed is ``mix_seed(seed, epoch, batch index, rank)``,
+    with which :class:`~ddtas_lightning.data.batch_rng.BatchSeededDataset` draws its augmentations.
+    Mid-epoch resume: :meth:`resume` (epoch, batches already trained on) makes the next iteration
+    start at the following batch of that epoch, with the same indices and seeds as in the
+    uninterrupted run.
     """
 
     def __init__(
@@ -61,9 +71,24 @@ class PKBatchSampler(Sampler[list[int]]):
             )
         self.batches_per_epoch = batches_per_epoch or max(1, len(labels) // (P * K))
         self.epoch = 0
+        self._skip = 0  # batches of self.epoch to skip in the next iteration (mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0  # a resume offset belongs to the epoch it was set for
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue ``epoch`` after its first ``batches_done`` batches (the next iteration only)."""
+        if not 0 <= batches_done <= self.batches_per_epoch:
+            raise ValueError(f"cannot resume after {batches_done} of {self.batches_per_epoch} batches")
+        self.epoch, self._skip = epoch, batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "skip": self._skip}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume(state["epoch"], state["skip"])
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -100,9 +125,17 @@ class PKBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches():
-            mine = batch[self.rank :: self.num_replicas]
-            yield [i for members in mine for i in members]
+        # A generator: nothing below runs (and the resume offset is not consumed) until the first
+        # batch is requested; DataLoader creates and discards one unstarted iterator per epoch.
+        epoch, skip = self.epoch, self._skip
+        self._skip = 0
+        for b, batch in enumerate(self._global_batches()):
+            if b < skip:
+                continue
+            share = self.P // self.num_replicas
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            seed = mix_seed(self.seed, epoch, b, self.rank)
+            yield SeededBatch([i for members in mine for i in members], seed)
 
 
 class WithMetaBatch(Sampler[list[int]]):
@@ -120,9 +153,59 @@ class WithMetaBatch(Sampler[list[int]]):
         self.train.set_epoch(epoch)
         self.meta.set_epoch(epoch)
 
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self.train.resume(epoch, batches_done)
+        self.meta.resume(epoch, batches_done)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume(state["epoch"], state["skip"])
+
+    @property
+    def epoch(self) -> int:
+        return self.train.epoch
+
     def __len__(self) -> int:
         return len(self.train)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch, meta in zip(self.train, self.meta):
-            yield batch + meta
+            yield SeededBatch(batch + meta, batch.seed)  # the meta part is augmented like the train part
+
+
+def fit_position(trainer) -> tuple[int, int]:
+    """(epoch, batches of it already trained on) where ``trainer.fit`` continues, read from the loop
+    progress Lightning restored from a checkpoint (before the train dataloader is requested).
+
+    Lightning keeps the epoch's batch count across a mid-epoch restart but, for a plain DataLoader,
+    starts the loader again from its first batch; the P x K sampler is resumed from this instead. The
+    epoch is the fit loop's ``epoch_progress.current.processed`` (what Lightning passes to samplers'
+    ``set_epoch``): after a checkpoint written at an epoch's end it is already the next epoch, while
+    ``trainer.current_epoch`` is only updated later.
+    """
+    fit_loop = trainer.fit_loop
+    epoch = fit_loop.epoch_progress.current.processed
+    # Batches count only while the epoch is unfinished (started but not processed); the counter
+    # still holds the previous epoch's total after an end-of-epoch checkpoint.
+    if fit_loop.epoch_progress.current.started > epoch:
+        return epoch, int(fit_loop.epoch_loop.batch_progress.current.processed)
+    return epoch, 0
+
+
+class ResumableDataLoader(DataLoader):
+    """The train DataLoader, declared resumable to Lightning (which warns on a mid-epoch resume of a
+    loader without ``state_dict`` / ``load_state_dict``, because it would restart the epoch's batches).
+
+    Its position is not kept here: the data module positions the batch sampler from the loop progress
+    restored with the checkpoint (:func:`fit_position`), which counts the batches actually trained on;
+    a loader-side count would also include batches that workers and Lightning had prefetched but not
+    yet used. So the loader's own state is empty.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (see the class docstring)."""
