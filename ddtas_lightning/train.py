@@ -15,34 +15,81 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
+from ddtas_lightning.checkpointing import with_atomic_checkpoint_io
 from ddtas_lightning.data.datamodule import DMLDataModule, check_batch_shape
-from ddtas_lightning.module import DMLModule
+from ddtas_lightning.data.image_dataset import BAD_IMAGE_MODES
+from ddtas_lightning.module import DMLModule, NonFiniteLossError
+from ddtas_lightning.validation import ConfigError, as_float, as_int, check_choice
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and what is allowed."""
-
-
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that would otherwise fail late (or silently) deep inside training."""
+    """Checks that would otherwise fail late (after minutes of evaluation), with a deep traceback, or
+    silently, deep inside training. Each names the key and what is allowed (see docs/bad_inputs.md);
+    values the components check themselves (loss, miner, policy, backbone options) are checked there."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value ('???'); set it on the command line, e.g. "
+                          f"{missing[0]}=<value>" + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else ""))
+    as_int("seed", cfg.seed)
+    data = cfg.data
+    batch_size, k = as_int("data.batch_size", data.batch_size, 1), as_int("data.K", data.K)
     try:
-        check_batch_shape(int(cfg.data.batch_size), int(cfg.data.K))
+        check_batch_shape(batch_size, k)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if int(cfg.backbone.dim) <= 0:
-        raise ConfigError(f"backbone.dim must be a positive integer, got {cfg.backbone.dim}")
+    as_float("data.val_fraction", data.val_fraction, 0.0, 1.0, high_open=True)
+    check_choice("data.on_bad_image", data.on_bad_image, BAD_IMAGE_MODES)
+    if data.batches_per_epoch is not None:
+        as_int("data.batches_per_epoch (null: one pass over the train images)", data.batches_per_epoch, 1)
+    as_int("data.eval_batch_size", data.eval_batch_size, 1)
+    as_int("data.num_workers", data.num_workers, 0)
+    _validate_meta_batch(cfg)
+    as_int("backbone.dim", cfg.backbone.dim, 1)
     ks = list(cfg.metrics.recall_ks)
-    if not ks or any(int(k) < 1 for k in ks):
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ConfigError(f"metrics.recall_ks must be a non-empty list of integers >= 1, got {ks}")
-    if cfg.metrics.knn_backend not in ("torch", "faiss"):
-        raise ConfigError(f"metrics.knn_backend must be 'torch' or 'faiss', got {cfg.metrics.knn_backend!r}")
+    check_choice("metrics.knn_backend", cfg.metrics.knn_backend, ("torch", "faiss"))
+    as_float("optimizer.lr", cfg.optimizer.lr, 0.0)
+    if cfg.optimizer.get("weight_decay") is not None:
+        as_float("optimizer.weight_decay", cfg.optimizer.weight_decay, 0.0)
+    as_int("module.max_nonfinite_steps", cfg.module.max_nonfinite_steps, 1)
+    # Lightning reports this as a MisconfigurationException with a traceback; it is the common case of
+    # trainer=gpu (or a GPU recipe) started on a machine without CUDA.
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is available; "
+                          "use trainer=cpu or trainer.accelerator=auto")
+
+
+def _validate_meta_batch(cfg: DictConfig) -> None:
+    """The meta batch (P_m x K_m) of a policy that needs one, and a learned lambda's start inside its
+    bounds when it starts at ``loss.threshold`` (otherwise only found at the first training step)."""
+    policy_cls = hydra.utils.get_class(cfg.threshold_policy._target_)
+    if getattr(policy_cls, "needs_meta_batch", False):
+        size = as_int("data.meta_batch_size", cfg.data.meta_batch_size, 1)
+        k = getattr(policy_cls, "meta_K", None) or as_int("data.meta_K", cfg.data.meta_K, 1)
+        if size % k != 0 or size < 2 * k:
+            raise ConfigError(f"data.meta_batch_size={size} must be a multiple of data.meta_K={k} with at "
+                              f"least 2 classes (e.g. {max(2, size // k) * k})")
+    policy = cfg.threshold_policy
+    if {"init", "min", "max"} <= set(policy) and policy.init is None and cfg.loss.get("threshold") is not None:
+        lam = as_float("loss.threshold", cfg.loss.threshold)
+        low = as_float("threshold_policy.min", policy.min)
+        high = as_float("threshold_policy.max", policy.max)
+        if low <= high and not low <= lam <= high:  # min > max: the policy's own message
+            raise ConfigError(
+                f"loss.threshold={lam} is the initial lambda (threshold_policy.init=null) but lies outside "
+                f"[threshold_policy.min, threshold_policy.max] = [{low}, {high}]; set threshold_policy.init "
+                "or the bounds"
+            )
 
 
 def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
@@ -67,6 +114,7 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         recall_ks=tuple(cfg.metrics.recall_ks),
         knn_backend=cfg.metrics.knn_backend,
         compute_nmi=bool(cfg.metrics.nmi),
+        cluster_stats=bool(cfg.metrics.get("cluster_stats", False)),
         max_nonfinite_steps=int(cfg.module.max_nonfinite_steps),
         meta_batch_size=int(cfg.data.meta_batch_size) if policy.needs_meta_batch else 0,
         seed=int(cfg.seed),
@@ -77,19 +125,30 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    # Checkpoint files are written atomically (a kill mid-save keeps the previous last.ckpt), unless
+    # the trainer config chooses its own CheckpointIO plugin.
+    plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins")))
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins)
 
 
-def resolve_ckpt(cfg: DictConfig, output_dir: Path) -> str | None:
+def resolve_ckpt(cfg: DictConfig, output_dir: Path, module: pl.LightningModule | None = None) -> str | None:
+    """The checkpoint to resume from (``ckpt_path``: a path, ``last``, or null). With ``module``, also
+    checks that the checkpoint fits the module this config builds (one ConfigError naming the
+    mismatch instead of Lightning's strict-load traceback after the untrained evaluation)."""
     if cfg.ckpt_path in (None, ""):
         return None
     if cfg.ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: checkpoint {path} does not exist")
-    return str(path)
+        path = last if last.is_file() else None
+    else:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"ckpt_path: checkpoint {path} {what} (expected a .ckpt file, 'last' for "
+                              "<run dir>/checkpoints/last.ckpt, or null)")
+    if path is not None and module is not None:
+        check_checkpoint_compat(path, module, cfg)
+    return None if path is None else str(path)
 
 
 def _floats(d: dict) -> dict:
@@ -103,6 +162,7 @@ def train(cfg: DictConfig) -> float:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule, module = build(cfg)
+    ckpt_path = resolve_ckpt(cfg, output_dir, module)  # before any work: a bad checkpoint fails fast
     trainer = build_trainer(cfg)
     started = time.perf_counter()
     results: dict = {"task_name": cfg.task_name, "seed": int(cfg.seed)}
@@ -113,7 +173,7 @@ def train(cfg: DictConfig) -> float:
         module.test_prefix = "test"
 
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, output_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results["train_time_s"] = time.perf_counter() - fit_started
     results["val"] = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
@@ -195,6 +255,9 @@ def main(cfg: DictConfig) -> float:
         ):
             print(f"error: {cause}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(cause, NonFiniteLossError):  # training diverged; the message names the checkpoint
+            print(f"error: {cause}", file=sys.stderr)
+            sys.exit(3)
         raise
 
 

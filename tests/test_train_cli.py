@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Options that cannot run on a CPU-only machine in a fast test, and why.
 NOT_FAST = {
+    ("dataset", "gaussian_clusters"): "vectors; needs transform=none backbone=mlp; covered by tests/test_nspa_experiment.py",
+    ("backbone", "mlp"): "vector backbone; covered by tests/models/test_mlp.py and tests/test_nspa_experiment.py",
     ("trainer", "gpu"): "needs a CUDA device",
     ("trainer", "ddp"): "two processes; covered by the slow DDP tests",
     ("dataset", "cub200"): "needs a dataset tree; covered in tests/data",
@@ -32,6 +34,9 @@ EXTRA = {
     ("backbone", "timm"): ["backbone.model_name=resnet10t"],
     ("backbone", "resnet50"): ["backbone.dim=16"],
     ("threshold_policy", "meta"): ["data.meta_batch_size=4", "data.meta_K=2"],  # 4 train classes
+    # MMSI: 4 x 1 meta batch and a warm-up the 4 train classes can reach within one step.
+    ("threshold_policy", "mmsi"): ["data.meta_batch_size=4", "threshold_policy.warmup_classes=2"],
+    ("threshold_policy", "pair_weight"): ["data.meta_batch_size=4", "data.meta_K=2"],
 }
 GROUPS = ["dataset", "transform", "backbone", "loss", "miner", "threshold_policy", "optimizer",
           "scheduler", "trainer", "logger", "callbacks"]

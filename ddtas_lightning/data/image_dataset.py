@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def split_classes(class_ids: Iterable[int], train_classes: int | Sequence[int] |
         chosen = set(ids[: len(ids) // 2])
     elif isinstance(train_classes, int) and not isinstance(train_classes, bool):
         if not 0 < train_classes < len(ids):
-            raise ValueError(f"train_classes={train_classes} must be between 1 and {len(ids) - 1} "
-                             f"({len(ids)} classes in {where})")
+            raise ConfigError(f"dataset.source.train_classes={train_classes} must be between 1 and "
+                              f"{len(ids) - 1} ({len(ids)} classes in {where})")
         chosen = set(ids[:train_classes])
     else:
         chosen = {int(c) for c in train_classes}

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from ddtas_lightning.data.cub200 import CUB200
 from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +357,7 @@ class Synthetic(DatasetSource):
         if not parts[0] >= 1 or parts[1] < parts[0] or distractors[1] < distractors[0] or distractors[0] < 0:
             raise ValueError(f"parts={parts} / distractors={distractors} must be (min, max) ranges with min >= "
                              "1 for parts and >= 0 for distractors")
-        if background not in ("gradient", "plain"):
-            raise ValueError(f"background must be 'gradient' or 'plain', got {background!r}")
+        check_choice("dataset.source.background", background, ("gradient", "plain"))
         self.root = Path(root).expanduser()
         self.params = SyntheticParams(
             num_classes=int(num_classes), images_per_class=int(images_per_class), image_size=int(image_size),

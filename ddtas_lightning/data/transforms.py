@@ -84,7 +84,7 @@ class ImageNetTransform(TransformPair):
                  interpolation: str = "bilinear") -> None:
         self.image_size, self.resize = int(image_size), int(resize)
         if self.resize < self.image_size:
-            raise ValueError(f"resize={resize} must be >= image_size={image_size}")
+            raise ValueError(f"transform.resize: resize={resize} must be >= image_size={image_size}")
         mode = _interp(interpolation)
         tail = self._tensor_tail(mean, std)
         flip = [T.RandomHorizontalFlip()] if hflip else []

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddtas_lightning.miners.selection import PairSelection, label_masks
+from ddtas_lightning.validation import as_float
 
 
 class MetricLoss(nn.Module):
@@ -23,7 +24,7 @@ class MetricLoss(nn.Module):
 
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
-        self.threshold = float(threshold)
+        self.threshold = as_float("loss.threshold", threshold)
 
     def resolve_threshold(self, sim: Tensor, threshold: Tensor | float | None) -> tuple[Tensor, Tensor]:
         """(lambda_pos, lambda_neg) as 0-d tensors in ``sim``'s dtype/device."""

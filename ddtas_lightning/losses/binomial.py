@@ -8,6 +8,7 @@ from torch import Tensor
 from ddtas_lightning.losses.base import MetricLoss, pair_weights, upcast
 from ddtas_lightning.losses.soft_contrastive import mean_softplus_loss
 from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.validation import as_float
 
 
 class BinomialDevianceLoss(MetricLoss):
@@ -31,8 +32,9 @@ class BinomialDevianceLoss(MetricLoss):
         normalize_scales: bool = False,
     ) -> None:
         super().__init__(threshold)
-        self.scale_pos = float(scale_pos)
-        self.scale_neg = float(scale_neg)
+        # a scale <= 0 gives NaN (1 / scale) or a loss that pushes pairs the wrong way
+        self.scale_pos = as_float("loss.scale_pos", scale_pos, 0.0, low_open=True)
+        self.scale_neg = as_float("loss.scale_neg", scale_neg, 0.0, low_open=True)
         self.normalize_scales = bool(normalize_scales)
 
     def forward(

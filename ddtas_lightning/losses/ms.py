@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ddtas_lightning.losses.base import MetricLoss, masked_log1p_sum_exp, pair_weights, upcast
 from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.validation import as_float
 
 
 class MultiSimilarityLoss(MetricLoss):
@@ -29,8 +30,9 @@ class MultiSimilarityLoss(MetricLoss):
 
     def __init__(self, scale_pos: float = 2.0, scale_neg: float = 40.0, threshold: float = 0.5) -> None:
         super().__init__(threshold)
-        self.scale_pos = float(scale_pos)
-        self.scale_neg = float(scale_neg)
+        # a scale <= 0 gives NaN (1 / scale) or a loss that pushes pairs the wrong way
+        self.scale_pos = as_float("loss.scale_pos", scale_pos, 0.0, low_open=True)
+        self.scale_neg = as_float("loss.scale_neg", scale_neg, 0.0, low_open=True)
 
     def forward(
         self,

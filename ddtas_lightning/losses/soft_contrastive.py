@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ddtas_lightning.losses.base import MetricLoss, pair_weights, upcast
 from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.validation import as_float
 
 
 def mean_softplus_loss(
@@ -69,8 +70,9 @@ class SoftContrastiveLoss(MetricLoss):
         compat_floor_div_bug: bool = False,
     ) -> None:
         super().__init__(threshold)
-        self.scale_pos = float(scale_pos)
-        self.scale_neg = float(scale_neg)
+        # a scale <= 0 gives NaN (1 / scale) or a loss that pushes pairs the wrong way
+        self.scale_pos = as_float("loss.scale_pos", scale_pos, 0.0, low_open=True)
+        self.scale_neg = as_float("loss.scale_neg", scale_neg, 0.0, low_open=True)
         self.compat_floor_div_bug = bool(compat_floor_div_bug)
 
     def coefficients(self) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ddtas_lightning.losses.base import MetricLoss, upcast
 from ddtas_lightning.miners.selection import DISTANCES, PairSelection, enumerate_triplets, sim_to_distance
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.validation import ConfigError, check_choice
 
 
 class TripletMarginLoss(MetricLoss):
@@ -28,9 +28,9 @@ class TripletMarginLoss(MetricLoss):
 
     def __init__(self, threshold: float = 0.2, distance: str = "euclidean", squared: bool = False) -> None:
         super().__init__(threshold)
-        check_choice("distance", distance, DISTANCES)
+        check_choice("loss.distance", distance, DISTANCES)
         if squared and distance != "euclidean":
-            raise ValueError("squared=True needs distance='euclidean'")
+            raise ConfigError(f"loss.squared=true needs loss.distance=euclidean, got loss.distance={distance}")
         self.distance = distance
         self.squared = bool(squared)
 

@@ -41,7 +41,7 @@ class AdaptiveToleranceASMS(PairMiner):
         self_threshold: float = 1.0 - 1e-6,
     ) -> None:
         super().__init__(exclude_self_by_value, self_threshold)
-        check_choice("count_neg_margin", count_neg_margin, COUNT_NEG_MARGINS)
+        check_choice("miner.count_neg_margin", count_neg_margin, COUNT_NEG_MARGINS)
         self.margin = float(margin)
         self.count_neg_margin = count_neg_margin
         self.tolerance_scale = float(tolerance_scale)

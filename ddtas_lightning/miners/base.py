@@ -89,8 +89,8 @@ class TripletMiner(BaseMiner):
 
     def __init__(self, margin: float = 0.2, distance: str = "euclidean", select: str = "all") -> None:
         super().__init__()
-        check_choice("distance", distance, DISTANCES)
-        check_choice("select", select, SELECTS)
+        check_choice("miner.distance", distance, DISTANCES)
+        check_choice("miner.select", select, SELECTS)
         self.margin = float(margin)
         self.distance = distance
         self.select = select

@@ -28,7 +28,7 @@ class BatchHardMiner(BaseMiner):
 
     def __init__(self, margin: float | None = None, distance: str = "euclidean") -> None:
         super().__init__()
-        check_choice("distance", distance, DISTANCES)
+        check_choice("miner.distance", distance, DISTANCES)
         self.margin = None if margin is None else float(margin)
         self.distance = distance
 

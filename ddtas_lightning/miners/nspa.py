@@ -168,10 +168,10 @@ class NSPAMiner(BaseMiner):
         on_empty: str = "skip",
     ) -> None:
         super().__init__()
-        check_choice("distance", distance, DISTANCES)
-        check_choice("draw", draw, DRAWS)
-        check_choice("pairs", pairs, PAIRS)
-        check_choice("on_empty", on_empty, ON_EMPTY)
+        check_choice("miner.distance", distance, DISTANCES)
+        check_choice("miner.draw", draw, DRAWS)
+        check_choice("miner.pairs", pairs, PAIRS)
+        check_choice("miner.on_empty", on_empty, ON_EMPTY)
         p_init = tuple(float(x) for x in p_init)
         if len(p_init) != 3:
             raise ValueError(f"p_init must have 3 entries (random_hard, semi_hard, hardest), got {p_init}")

@@ -1,0 +1,157 @@
+"""Is a checkpoint loadable into the module this config builds? One clear error before training if not.
+
+Lightning restores ``ckpt_path`` with a strict ``load_state_dict`` deep inside ``trainer.fit``, after the
+untrained evaluation, and a checkpoint written under another config (another ``backbone.dim`` or
+backbone, ``threshold_policy=meta`` vs ``static``, ...) then fails with a ``RuntimeError`` listing every
+key, in a 40-line traceback. :func:`check_checkpoint_compat` compares the checkpoint's ``state_dict``
+(names and shapes, the two things a strict load checks; buffers a submodule declares in
+``variable_shape_state`` change shape as they fill and are only checked by name) with the module's before anything runs, and
+raises one :class:`~ddtas_lightning.validation.ConfigError` naming ``ckpt_path``, the first few
+mismatches, the config groups they belong to and, when the checkpoint's run dir still holds Hydra's
+``.hydra/config.yaml``, the config values that differ.
+
+Only the ``state_dict`` is checked: other checkpoint entries (optimizer, loops, RNG and sampler state)
+are Lightning's and the callbacks' business. The file is opened with ``weights_only=True`` and
+``mmap=True``, so tensors are not read into memory; a checkpoint whose extra entries need a full
+unpickler is not judged here (Lightning loads it as before).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ddtas_lightning.validation import ConfigError
+
+log = logging.getLogger(__name__)
+
+# First component of a DMLModule state_dict key -> the config group that builds that submodule.
+PREFIX_GROUPS = {"model": "backbone", "policy": "threshold_policy", "loss_fn": "loss", "miner": "miner"}
+SHOW = 5  # mismatches listed per kind
+
+
+def load_state_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """``{key: shape}`` of the checkpoint's ``state_dict``; ``None`` when the file needs a full
+    unpickler (custom entries) and cannot be judged cheaply. Raises ConfigError for an unreadable file
+    or one without a ``state_dict``."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # mmap needs the zip format (every torch.save since 1.6)
+            if "zip" not in str(e).lower():
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower() and "unsupported global" in str(e).lower():
+            log.debug("ckpt_path %s has entries weights_only=True cannot load; not checked here", path)
+            return None
+        raise ConfigError(f"ckpt_path: cannot read checkpoint {path}: {_first_line(e)}; expected a .ckpt "
+                          "file written by this framework (e.g. <run dir>/checkpoints/last.ckpt)") from None
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        raise ConfigError(f"ckpt_path: cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}; "
+                          "expected a .ckpt file written by this framework (e.g. <run dir>/checkpoints/"
+                          "last.ckpt)") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' entry); ckpt_path resumes a "
+            "run of this framework. To start from backbone weights use backbone.checkpoint_path instead"
+        )
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def state_mismatches(ckpt: dict[str, tuple[int, ...]], module: nn.Module) -> dict[str, list[str]]:
+    """What a strict ``load_state_dict`` would reject: ``missing`` (in the module, not the checkpoint),
+    ``unexpected`` (the reverse) and ``shape`` (``"key: (a, b) in the checkpoint, (c, d) here"``)."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    variable = variable_shape_keys(module)
+    return {
+        "missing": sorted(own.keys() - ckpt.keys()),
+        "unexpected": sorted(ckpt.keys() - own.keys()),
+        "shape": [f"{k}: {ckpt[k]} in the checkpoint, {own[k]} here"
+                  for k in sorted(own.keys() & ckpt.keys()) if own[k] != ckpt[k] and k not in variable],
+    }
+
+
+def variable_shape_keys(module: nn.Module) -> set[str]:
+    """state_dict keys whose shape changes during training (a submodule lists such buffers in a
+    ``variable_shape_state`` attribute and resizes them when loading, e.g. a cross-batch memory)."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, sub in module.named_modules()
+            for name in getattr(sub, "variable_shape_state", ())}
+
+
+def groups_of(keys: list[str]) -> list[str]:
+    """Config groups owning the given state_dict keys (in PREFIX_GROUPS order)."""
+    prefixes = {k.split(".", 1)[0] for k in keys}
+    return [g for p, g in PREFIX_GROUPS.items() if p in prefixes]
+
+
+def saved_config_diff(path: Path, cfg: DictConfig | None, groups: list[str]) -> list[str]:
+    """``"<key>: <old> in the checkpoint's run, <new> here"`` for the leaves of ``groups`` (and each
+    group's ``_target_``, i.e. the option chosen) that differ from the config saved by Hydra next to
+    the checkpoint's run (``<run>/.hydra/config.yaml`` for ``<run>/checkpoints/x.ckpt``)."""
+    saved_file = path.parent.parent / ".hydra" / "config.yaml"
+    if cfg is None or not saved_file.is_file():
+        return []
+    try:
+        saved = OmegaConf.load(saved_file)
+    except Exception:  # a hand-edited or foreign file: the key comparison alone still stands
+        return []
+    diffs = []
+    for group in groups:
+        old = _leaves(OmegaConf.to_container(saved[group], resolve=False) if group in saved else {}, group)
+        new = _leaves(OmegaConf.to_container(cfg[group], resolve=False) if group in cfg else {}, group)
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key, "<unset>") != new.get(key, "<unset>"):
+                diffs.append(f"{key}: {old.get(key, '<unset>')} in the checkpoint's run, "
+                             f"{new.get(key, '<unset>')} here")
+    return diffs
+
+
+def check_checkpoint_compat(path: str | Path, module: nn.Module, cfg: DictConfig | None = None) -> None:
+    """Raise one ConfigError naming ``ckpt_path`` when the checkpoint's state_dict does not fit ``module``
+    (the module built from ``cfg``); a no-op when it fits or cannot be judged cheaply."""
+    path = Path(path)
+    shapes = load_state_shapes(path)
+    if shapes is None:
+        return
+    bad = state_mismatches(shapes, module)
+    if not any(bad.values()):
+        return
+    parts = []
+    for kind, label in (("shape", "shape mismatches"), ("missing", "missing from the checkpoint"),
+                        ("unexpected", "in the checkpoint but not in this model")):
+        items = bad[kind]
+        if items:
+            more = f" (and {len(items) - SHOW} more)" if len(items) > SHOW else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}")
+    keys = bad["missing"] + bad["unexpected"] + [s.split(":", 1)[0] for s in bad["shape"]]
+    groups = groups_of(keys)
+    diffs = saved_config_diff(path, cfg, groups)
+    where = (" from config group(s) " + ", ".join(groups)) if groups else ""
+    hint = ("; config values that differ: " + "; ".join(diffs[:SHOW])) if diffs else ""
+    raise ConfigError(
+        f"ckpt_path: checkpoint {path} was written under another config: its state_dict does not match "
+        f"the model built now{where} ({'; '.join(parts)}){hint}. Resume with the config of the run that "
+        "wrote it, or start a new run without ckpt_path"
+    )
+
+
+def _leaves(node, prefix: str) -> dict[str, str]:
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: repr(node) if isinstance(node, str) else str(node)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

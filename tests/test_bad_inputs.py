@@ -1,0 +1,659 @@
+"""The bad-input catalogue: every bad input the framework knows, what it triggers, and the message.
+
+``CASES`` is the single list: config values, config groups, dataset layouts, corrupt images, empty
+mining, checkpoints. Each case runs in-process (``train()`` on the real composed config, a loader, or a
+dataset) and must raise the expected exception whose message matches the regex (naming the key or the
+file and what is allowed / expected), and be an error that ``python -m ddtas_lightning.train`` prints as
+one ``error: ...`` line with exit code 2 (Hydra's own composition errors: its message, exit code 1). A
+few cases (``cli=True``) also run through the CLI in a subprocess.
+
+``docs/bad_inputs.md`` is generated from ``CASES`` (``UPDATE_BAD_INPUTS_DOC=1 pytest
+tests/test_bad_inputs.py -k doc``) and a test fails when it drifts. Each case's ``example`` (the message
+shown in the doc) must itself match its regex, so the doc cannot show a message the code no longer gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+
+from ddtas_lightning.data.cars196 import Cars196
+from ddtas_lightning.data.cub200 import CUB200
+from ddtas_lightning.data.folder import Folder
+from ddtas_lightning.data.image_dataset import ImageDataset
+from ddtas_lightning.data.inshop import InShop
+from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
+from ddtas_lightning.data.sop import SOP
+from ddtas_lightning.data.synthetic import Synthetic
+from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.train import _root_cause, build, resolve_ckpt, train
+from ddtas_lightning.validation import ConfigError
+from tests.conftest import CONF_DIR, TINY_DATA, compose_train
+from tests.data.conftest import cars_annos, corrupt, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "bad_inputs.md"
+HYDRA_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)
+# Whatever a case does not override: a tiny run that stops after one step, no evaluation, no files.
+FAST = ["trainer.accelerator=cpu", "evaluate_before_training=false", "test_after_training=false",
+        "logger=none", "callbacks=none", "data.batches_per_epoch=1", "trainer.max_epochs=1"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input. ``error=None``: handled without an error; ``run`` then asserts the outcome."""
+
+    name: str
+    category: str
+    trigger: str  # what the user does (markdown)
+    run: Callable[[SimpleNamespace], object]
+    error: type[BaseException] | None
+    match: str  # regex over the message (re.S)
+    example: str  # the message (or outcome) as the doc shows it; must match ``match``
+    exit: int  # CLI exit code: 2 one 'error:' line, 1 Hydra's own message, 0 no error
+    cli: bool = False  # also run through the CLI subprocess
+
+
+def overrides_of(ctx: SimpleNamespace, overrides: tuple[str, ...]) -> list[str]:
+    """The case's overrides (``{ckpt}`` / ``{tmp}`` filled in) after TINY_DATA + FAST minus the keys it sets."""
+    own = [o.format(ckpt=ctx.ckpt() if "{ckpt}" in o else "", tmp=ctx.tmp) for o in overrides]
+    keys = {o.split("=", 1)[0].lstrip("+") for o in own}
+    base = [o for o in [*TINY_DATA, *FAST] if o.split("=", 1)[0].lstrip("+") not in keys]
+    return [*base, *own]
+
+
+def config(*overrides: str) -> Callable[[SimpleNamespace], object]:
+    """Run ``train()`` on the real composed config with these overrides."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        return train(compose_train(overrides_of(ctx, overrides), ctx.tmp, ctx.data_dir))
+
+    run.overrides = overrides  # type: ignore[attr-defined]
+    return run
+
+
+def compose_only(*overrides: str) -> Callable[[SimpleNamespace], object]:
+    """Compose the config only (Hydra's own errors come from composition)."""
+    return lambda ctx: compose_train(list(overrides), ctx.tmp, ctx.data_dir)
+
+
+# Every config group a user selects options from (hydra/ and local/ are not user choices).
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir()
+                if p.is_dir() and p.name not in ("hydra", "local") and any(p.glob("*.yaml")))
+
+
+# ---- dataset trees ------------------------------------------------------------------------------
+def cub_tree(root: Path, classes: int = 4, per_class: int = 3) -> Path:
+    """A miniature ``CUB_200_2011`` tree (real JPEGs) under ``root``."""
+    d = root / "CUB_200_2011"
+    images, labels = [], []
+    for c in range(1, classes + 1):
+        for j in range(per_class):
+            k = len(images) + 1
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{j}.jpg"
+            write_image(d / "images" / rel, seed=k)
+            images.append(f"{k} {rel}")
+            labels.append(f"{k} {c}")
+    (d / "images.txt").write_text("\n".join(images) + "\n")
+    (d / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (d / "classes.txt").write_text("".join(f"{c} {c:03d}.Bird_{c}\n" for c in range(1, classes + 1)))
+    return d
+
+
+def cub(edit: Callable[[Path], None]) -> Callable[[SimpleNamespace], object]:
+    def run(ctx: SimpleNamespace) -> object:
+        d = cub_tree(ctx.tmp)
+        edit(d)
+        return CUB200(d).load("train")
+
+    return run
+
+
+def cars(edit: Callable[[Path], None] | None, classes: int = 3, class_names: int | None = None):
+    def run(ctx: SimpleNamespace) -> object:
+        from scipy.io import savemat
+
+        root = ctx.tmp / "cars196"
+        annos, names = cars_annos(classes, 2, class_names)
+        for k in range(1, annos.shape[1] + 1):
+            write_image(root / "car_ims" / f"{k:06d}.jpg", seed=k)
+        savemat(root / "cars_annos.mat", {"annotations": annos, "class_names": names})
+        if edit is not None:
+            edit(root)
+        return Cars196(root).load("train")
+
+    return run
+
+
+def sop(header: str = "image_id class_id super_class_id path", drop_test: bool = False):
+    def run(ctx: SimpleNamespace) -> object:
+        d = ctx.tmp / "Stanford_Online_Products"
+        for split, first in (("train", 1), ("test", 3)):
+            lines = [header] + [f"{i + 1} {first + i // 2} 1 bicycle_final/{split}_{i}.JPG" for i in range(4)]
+            for i in range(4):
+                write_image(d / "bicycle_final" / f"{split}_{i}.JPG", seed=i)
+            if not (drop_test and split == "test"):
+                (d / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+        return SOP(d).load("train")
+
+    return run
+
+
+def loader(make: Callable[[Path], object]) -> Callable[[SimpleNamespace], object]:
+    return lambda ctx: make(ctx.tmp)
+
+
+# ---- corrupt images -----------------------------------------------------------------------------
+def image_set(ctx: SimpleNamespace, mode: str, bad: tuple[int, ...] = (1,)) -> ImageDataset:
+    """Two classes x 3 PNGs; the items in ``bad`` overwritten with undecodable bytes."""
+    paths = [write_image(ctx.tmp / "imgs" / f"c{i // 3}" / f"{i}.png", seed=i) for i in range(6)]
+    for i in bad:
+        corrupt(paths[i])
+    return ImageDataset(SplitRecords(paths, [i // 3 for i in range(6)]), on_bad_image=mode)
+
+
+def corrupt_fail(ctx: SimpleNamespace) -> object:
+    return image_set(ctx, "fail")[1]
+
+
+def corrupt_skip(ctx: SimpleNamespace) -> None:
+    ds = image_set(ctx, "skip")
+    image, label, index = ds[1]
+    assert (label, index) == (0, 1) and image.shape[0] == 3  # a substitute of the same class
+    assert ds.num_skipped == 1 and ds.skipped_paths == [Path(ds.paths[1])]
+
+
+def corrupt_whole_class(ctx: SimpleNamespace) -> object:
+    return image_set(ctx, "skip", bad=(0, 1, 2))[1]
+
+
+def corrupt_verify(ctx: SimpleNamespace) -> object:
+    return image_set(ctx, "fail", bad=(1, 4)).verify(num_threads=1)
+
+
+# ---- empty mining -------------------------------------------------------------------------------
+def empty_selection_every_loss(ctx: SimpleNamespace) -> None:
+    """Every loss of conf/loss on a selection with no pair: exactly 0, with a zero, finite gradient."""
+    from hydra.utils import instantiate
+
+    emb = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    emb.requires_grad_(True)
+    none = torch.zeros(4, 4, dtype=torch.bool)
+    for path in sorted(Path(CONF_DIR, "loss").glob("*.yaml")):
+        loss = instantiate(OmegaConf.load(path))(emb @ emb.T, PairSelection(none, none))
+        (grad,) = torch.autograd.grad(loss, emb)
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), path.stem
+
+
+def empty_mining_training_step(ctx: SimpleNamespace) -> None:
+    """miner.epsilon=-10 selects nothing: the step's loss is exactly 0, the update is taken, nothing
+    is skipped as non-finite, and the zero loss and the empty mining are logged."""
+    cfg = compose_train(overrides_of(ctx, ("miner=ms", "miner.epsilon=-10", "logger=csv")), ctx.tmp, ctx.data_dir)
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_steps"] == 1 and metrics["nonfinite_skipped"] == 0
+    header, row = (out / "csv" / "metrics.csv").read_text().splitlines()[:2]
+    logged = dict(zip(header.split(","), row.split(","), strict=True))
+    assert float(logged["train/loss"]) == 0.0
+    assert float(logged["mining/pos_pairs"]) == 0.0 and float(logged["mining/neg_pairs"]) == 0.0
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def write_garbage(ctx: SimpleNamespace) -> object:
+    path = ctx.tmp / "garbage.ckpt"
+    path.write_bytes(b"not a checkpoint" * 8)
+    return config(f"ckpt_path={path}")(ctx)
+
+
+def plain_state_dict(ctx: SimpleNamespace) -> object:
+    path = ctx.tmp / "weights.pth"
+    torch.save({"head.weight": torch.zeros(2, 2)}, path)
+    return config(f"ckpt_path={path}")(ctx)
+
+
+def last_absent(ctx: SimpleNamespace) -> None:
+    cfg = compose_train(overrides_of(ctx, ("ckpt_path=last",)), ctx.tmp, ctx.data_dir)
+    assert resolve_ckpt(cfg, ctx.tmp / "fresh") is None  # starts from scratch
+
+
+C, E, L = "config value", "config group", "dataset layout"
+POLICY = "threshold_policy=meta"
+CASES = [
+    # ---- Hydra: groups and keys ----
+    *[Case(f"unknown-option-{group}", E, f"`{group}=nope`", compose_only(f"{group}=nope"), MissingConfigException,
+           rf"Could not find '{group}/nope'.*Available options in '{group}':.*{first}",
+           f"In 'train': Could not find '{group}/nope' / Available options in '{group}': {first}, ...", 1)
+      for group in GROUPS for first in [sorted(Path(CONF_DIR, group).glob("*.yaml"))[0].stem]],
+    Case("unknown-key", E, "`data.batchsize=8` (a key that does not exist)", config("data.batchsize=8"),
+         ConfigCompositionException, r"Could not override 'data.batchsize'",
+         "Could not override 'data.batchsize'. To append to your config use +data.batchsize=8 ...", 1),
+    Case("override-syntax", E, "`data.K=[` (not an override)", config("data.K=["), OverrideParseException,
+         r"no viable alternative at input '\['",
+         "Error parsing override 'data.K=[' / no viable alternative at input '['", 1),
+    Case("missing-mandatory", C, "`backbone=timm` without `backbone.model_name`", config("backbone.model_name=???"),
+         ConfigError, r"backbone.model_name has no value \('\?\?\?'\); set it",
+         "backbone.model_name has no value ('???'); set it on the command line, e.g. backbone.model_name=<value>", 2),
+    # ---- top-level, data.*, metrics.*, optimizer, module, trainer ----
+    Case("seed", C, "`seed=abc`", config("seed=abc"), ConfigError, r"seed must be an integer, got 'abc'",
+         "seed must be an integer, got 'abc'", 2),
+    Case("batch-K", C, "`data.K=1`", config("data.K=1"), ConfigError,
+         r"data.K \(images per class in a batch\) must be >= 2, got 1",
+         "data.K (images per class in a batch) must be >= 2, got 1", 2),
+    Case("batch-size-not-multiple", C, "`data.batch_size=10 data.K=4`", config("data.batch_size=10", "data.K=4"),
+         ConfigError, r"data.batch_size=10 must be a multiple of data.K=4 with at least 2 classes \(e.g. 8\)",
+         "data.batch_size=10 must be a multiple of data.K=4 with at least 2 classes (e.g. 8)", 2),
+    Case("batch-size-not-int", C, "`data.batch_size=8.5`", config("data.batch_size=8.5"), ConfigError,
+         r"data.batch_size must be an integer >= 1, got 8.5", "data.batch_size must be an integer >= 1, got 8.5", 2),
+    Case("batch-more-classes-than-train", C, "`data.batch_size=32 data.K=2` on 4 train classes",
+         config("data.batch_size=32", "data.K=2"), ConfigError,
+         r"data.batch_size=32 / data.K=2 = 16 classes per batch, but the train split has only 4 classes",
+         "data.batch_size=32 / data.K=2 = 16 classes per batch, but the train split has only 4 classes; "
+         "use at most 4 classes per batch (a smaller batch size or a larger K)", 2, cli=True),
+    Case("val-fraction-range", C, "`data.val_fraction=1.5`", config("data.val_fraction=1.5"), ConfigError,
+         r"data.val_fraction must be a number in \[0.0, 1.0\), got 1.5",
+         "data.val_fraction must be a number in [0.0, 1.0), got 1.5", 2),
+    Case("val-fraction-empty-side", C, "`data.val_fraction=0.05` (rounds to 0 of 4 classes)",
+         config("data.val_fraction=0.05"), ConfigError,
+         r"data.val_fraction=0.05 leaves 0 of 4 train classes for validation; use 0",
+         "data.val_fraction=0.05 leaves 0 of 4 train classes for validation; use 0 (validate on the test split) "
+         "or a fraction giving at least 1 class to each side", 2),
+    Case("on-bad-image", C, "`data.on_bad_image=ignore`", config("data.on_bad_image=ignore"), ConfigError,
+         r"data.on_bad_image must be one of \('fail', 'skip'\), got 'ignore'",
+         "data.on_bad_image must be one of ('fail', 'skip'), got 'ignore'", 2),
+    Case("batches-per-epoch", C, "`data.batches_per_epoch=0`", config("data.batches_per_epoch=0"), ConfigError,
+         r"data.batches_per_epoch \(null: one pass over the train images\) must be an integer >= 1, got 0",
+         "data.batches_per_epoch (null: one pass over the train images) must be an integer >= 1, got 0", 2),
+    Case("eval-batch-size", C, "`data.eval_batch_size=0`", config("data.eval_batch_size=0"), ConfigError,
+         r"data.eval_batch_size must be an integer >= 1, got 0", "data.eval_batch_size must be an integer >= 1, got 0", 2),
+    Case("num-workers", C, "`data.num_workers=-1`", config("data.num_workers=-1"), ConfigError,
+         r"data.num_workers must be an integer >= 0, got -1", "data.num_workers must be an integer >= 0, got -1", 2),
+    Case("meta-batch-shape", C, f"`{POLICY} data.meta_batch_size=5 data.meta_K=2`",
+         config(POLICY, "data.meta_batch_size=5", "data.meta_K=2"), ConfigError,
+         r"data.meta_batch_size=5 must be a multiple of data.meta_K=2 with at least 2 classes",
+         "data.meta_batch_size=5 must be a multiple of data.meta_K=2 with at least 2 classes (e.g. 4)", 2),
+    Case("meta-batch-more-classes-than-train", C, f"`{POLICY} data.meta_batch_size=12` on 4 train classes",
+         config(POLICY, "data.meta_batch_size=12", "data.meta_K=2"), ConfigError,
+         r"data.meta_batch_size=12 / data.meta_K=2 = 6 classes per batch, but the train split has only 4",
+         "data.meta_batch_size=12 / data.meta_K=2 = 6 classes per batch, but the train split has only 4 classes; "
+         "use at most 4 classes per batch (a smaller batch size or a larger K)", 2),
+    Case("recall-ks", C, "`metrics.recall_ks=[0]`", config("metrics.recall_ks=[0]"), ConfigError,
+         r"metrics.recall_ks must be a non-empty list of integers >= 1, got \[0\]",
+         "metrics.recall_ks must be a non-empty list of integers >= 1, got [0]", 2),
+    Case("knn-backend", C, "`metrics.knn_backend=annoy`", config("metrics.knn_backend=annoy"), ConfigError,
+         r"metrics.knn_backend must be one of \('torch', 'faiss'\), got 'annoy'",
+         "metrics.knn_backend must be one of ('torch', 'faiss'), got 'annoy'", 2),
+    Case("optimizer-lr", C, "`optimizer.lr=-1`", config("optimizer.lr=-1"), ConfigError,
+         r"optimizer.lr must be a number >= 0.0, got -1", "optimizer.lr must be a number >= 0.0, got -1", 2),
+    Case("optimizer-weight-decay", C, "`optimizer.weight_decay=-0.1`", config("optimizer.weight_decay=-0.1"),
+         ConfigError, r"optimizer.weight_decay must be a number >= 0.0, got -0.1",
+         "optimizer.weight_decay must be a number >= 0.0, got -0.1", 2),
+    Case("max-nonfinite-steps", C, "`module.max_nonfinite_steps=0`", config("module.max_nonfinite_steps=0"),
+         ConfigError, r"module.max_nonfinite_steps must be an integer >= 1, got 0",
+         "module.max_nonfinite_steps must be an integer >= 1, got 0", 2),
+    Case("trainer-precision", C, "`trainer.precision=15`", config("trainer.precision=15"), ValueError,
+         r"Precision '?15'? is invalid. Allowed precision values: \(.*'16-mixed'.*'32-true'",
+         "Precision 15 is invalid. Allowed precision values: ('16-true', '16-mixed', 'bf16-true', 'bf16-mixed', "
+         "'32-true', '64-true', ...)", 2),
+    Case("trainer-accelerator", C, "`trainer.accelerator=foo`", config("trainer.accelerator=foo"), ValueError,
+         r"invalid accelerator name: `accelerator='foo'`. Available names are: .*cpu",
+         "You selected an invalid accelerator name: `accelerator='foo'`. Available names are: auto, tpu, cuda, "
+         "mps, cpu.", 2),
+    *([Case("trainer-gpu-without-cuda", C, "`trainer=gpu` on a machine without CUDA", config("trainer.accelerator=gpu"),
+            ConfigError, r"trainer.accelerator=gpu but no CUDA device is available; use trainer=cpu",
+            "trainer.accelerator=gpu but no CUDA device is available; use trainer=cpu or trainer.accelerator=auto",
+            2)] if not torch.cuda.is_available() else []),
+    # ---- dataset / transform / backbone options ----
+    Case("synthetic-background", C, "`dataset.source.background=striped`",
+         config("dataset.source.background=striped"), ConfigError,
+         r"dataset.source.background must be one of \('gradient', 'plain'\), got 'striped'",
+         "dataset.source.background must be one of ('gradient', 'plain'), got 'striped'", 2),
+    Case("synthetic-size", C, "`dataset.source.num_classes=1`", config("dataset.source.num_classes=1"), ValueError,
+         r"Synthetic needs num_classes >= 2, images_per_class >= 2 and image_size >= 8; got 1",
+         "Synthetic needs num_classes >= 2, images_per_class >= 2 and image_size >= 8; got 1, 6, 32", 2),
+    Case("train-classes-range", C, "`+dataset.source.train_classes=8` on the 8-class synthetic set (cub200, cars196: `dataset.source.train_classes=N`)",
+         config("+dataset.source.train_classes=8"), ConfigError,
+         r"dataset.source.train_classes=8 must be between 1 and 7 \(8 classes in .*classes.txt\)",
+         "dataset.source.train_classes=8 must be between 1 and 7 (8 classes in <root>/CUB_200_2011/classes.txt)", 2),
+    Case("transform-resize", C, "`transform=imagenet transform.resize=16` (image_size 32)",
+         config("transform=imagenet", "transform.resize=16"), ValueError,
+         r"transform.resize: resize=16 must be >= image_size=32",
+         "transform.resize: resize=16 must be >= image_size=32", 2),
+    Case("backbone-dim", C, "`backbone.dim=0`", config("backbone.dim=0"), ConfigError,
+         r"backbone.dim must be an integer >= 1, got 0", "backbone.dim must be an integer >= 1, got 0", 2),
+    Case("backbone-pooling", C, "`backbone.pooling=sum`", config("backbone.pooling=sum"), ConfigError,
+         r"backbone.pooling must be one of \('avg', 'max', 'avg\+max'\), got 'sum'",
+         "backbone.pooling must be one of ('avg', 'max', 'avg+max'), got 'sum'", 2),
+    Case("backbone-model-name", C, "`backbone.model_name=no_such_net`", config("backbone.model_name=no_such_net"),
+         ValueError, r"backbone.model_name 'no_such_net' is not a timm model",
+         "backbone.model_name 'no_such_net' is not a timm model (see timm.list_models())", 2),
+    Case("backbone-checkpoint-path", C, "`backbone.checkpoint_path=/nonexistent/w.pth`",
+         config("backbone.checkpoint_path=/nonexistent/w.pth"), FileNotFoundError,
+         r"backbone.checkpoint_path: weights file /nonexistent/w.pth does not exist",
+         "backbone.checkpoint_path: weights file /nonexistent/w.pth does not exist (expected a local "
+         ".pth/.safetensors state dict for the timm model)", 2),
+    # ---- loss / miner options ----
+    Case("loss-threshold", C, "`loss.threshold=abc`", config("loss.threshold=abc"), ConfigError,
+         r"loss.threshold must be a number, got 'abc'", "loss.threshold must be a number, got 'abc'", 2),
+    Case("loss-scale", C, "`loss.scale_neg=0` (ms, soft_contrastive, binomial)", config("loss.scale_neg=0"),
+         ConfigError, r"loss.scale_neg must be a number > 0.0, got 0", "loss.scale_neg must be a number > 0.0, got 0", 2),
+    Case("loss-distance", C, "`loss=triplet loss.distance=manhattan`", config("loss=triplet", "loss.distance=manhattan"),
+         ConfigError, r"loss.distance must be one of \('cosine', 'euclidean'\), got 'manhattan'",
+         "loss.distance must be one of ('cosine', 'euclidean'), got 'manhattan'", 2),
+    Case("loss-squared-cosine", C, "`loss=triplet loss.distance=cosine loss.squared=true`",
+         config("loss=triplet", "loss.distance=cosine", "loss.squared=true"), ConfigError,
+         r"loss.squared=true needs loss.distance=euclidean, got loss.distance=cosine",
+         "loss.squared=true needs loss.distance=euclidean, got loss.distance=cosine", 2),
+    Case("miner-distance", C, "`miner=semi_hard miner.distance=manhattan` (also random_hard, batch_hard, nspa)",
+         config("miner=semi_hard", "miner.distance=manhattan"), ConfigError,
+         r"miner.distance must be one of \('cosine', 'euclidean'\), got 'manhattan'",
+         "miner.distance must be one of ('cosine', 'euclidean'), got 'manhattan'", 2, cli=True),
+    Case("miner-select", C, "`miner=random_hard miner.select=some`", config("miner=random_hard", "miner.select=some"),
+         ConfigError, r"miner.select must be one of \('all', 'random'\), got 'some'",
+         "miner.select must be one of ('all', 'random'), got 'some'", 2),
+    Case("miner-nspa-draw", C, "`miner=nspa miner.draw=epoch` (likewise `miner.pairs`, `miner.on_empty`)",
+         config("miner=nspa", "miner.draw=epoch"), ConfigError,
+         r"miner.draw must be one of \('pair', 'batch'\), got 'epoch'",
+         "miner.draw must be one of ('pair', 'batch'), got 'epoch'", 2),
+    Case("miner-count-neg-margin", C, "`miner=at_asms miner.count_neg_margin=m/100`",
+         config("miner=at_asms", "miner.count_neg_margin=m/100"), ConfigError,
+         r"miner.count_neg_margin must be one of \('m', 'm/10'\), got 'm/100'",
+         "miner.count_neg_margin must be one of ('m', 'm/10'), got 'm/100'", 2),
+    # ---- threshold policy ----
+    *[Case(f"policy-{key.replace('_', '-')}", C, f"`{POLICY} threshold_policy.{key}={bad}`",
+           config(POLICY, f"threshold_policy.{key}={bad}"), ConfigError,
+           rf"threshold_policy.{key} must be one of \({re.escape(allowed)}\), got '{bad}'",
+           f"threshold_policy.{key} must be one of ({allowed}), got '{bad}'", 2)
+      for key, bad, allowed in (("mode", "fast", "'exact', 'jvp'"), ("granularity", "per_pair", "'scalar', 'pos_neg'"),
+                                ("step_rule", "sgd", "'adam', 'sign'"),
+                                ("exact_impl", "hvp", "'identity', 'double_backward'"))],
+    Case("policy-min-above-max", C, f"`{POLICY} threshold_policy.min=0.8 threshold_policy.max=0.4`",
+         config(POLICY, "threshold_policy.min=0.8", "threshold_policy.max=0.4"), ValueError,
+         r"threshold_policy.min \(0.8\) must be <= threshold_policy.max \(0.4\)",
+         "threshold_policy.min (0.8) must be <= threshold_policy.max (0.4)", 2),
+    Case("policy-init-outside-bounds", C, f"`{POLICY} threshold_policy.init=0.95`",
+         config(POLICY, "threshold_policy.init=0.95"), ValueError,
+         r"initial lambda \[?0.95\]? lies outside \[threshold_policy.min, threshold_policy.max\] = \[0.3, 0.9\]",
+         "initial lambda 0.95 lies outside [threshold_policy.min, threshold_policy.max] = [0.3, 0.9]; set init "
+         "or the bounds", 2),
+    Case("policy-init-from-loss-threshold", C, f"`{POLICY} loss.threshold=0.95` (init=null: starts at loss.threshold)",
+         config(POLICY, "loss.threshold=0.95"), ConfigError,
+         r"loss.threshold=0.95 is the initial lambda \(threshold_policy.init=null\) but lies outside "
+         r"\[threshold_policy.min, threshold_policy.max\] = \[0.3, 0.9\]",
+         "loss.threshold=0.95 is the initial lambda (threshold_policy.init=null) but lies outside "
+         "[threshold_policy.min, threshold_policy.max] = [0.3, 0.9]; set threshold_policy.init or the bounds", 2),
+    Case("policy-init-shape", C, f"`{POLICY} threshold_policy.init=[0.5,0.6]` (granularity scalar)",
+         config(POLICY, "threshold_policy.init=[0.5,0.6]"), ValueError,
+         r"threshold_policy.init must be a number for granularity='scalar'",
+         "threshold_policy.init must be a number for granularity='scalar', got [0.5, 0.6]", 2),
+    Case("policy-inner-lr", C, f"`{POLICY} threshold_policy.inner_lr=0`", config(POLICY, "threshold_policy.inner_lr=0"),
+         ValueError, r"threshold_policy.inner_lr must be > 0 and lr >= 0, got 0",
+         "threshold_policy.inner_lr must be > 0 and lr >= 0, got 0, 0.001", 2),
+    # ---- dataset layouts (the loaders; dataset=<name> dataset.source.root=... in a run) ----
+    Case("cub-root-missing", L, "`dataset=cub200` with no tree at `dataset.source.root`",
+         loader(lambda t: CUB200(t / "nowhere").load("train")), DatasetLayoutError,
+         r"CUB-200-2011 root .* does not exist; expected layout: CUB_200_2011/\{images.txt",
+         "CUB-200-2011 root <root> does not exist; expected layout: CUB_200_2011/{images.txt ('<image_id> "
+         "<class_dir>/<file>'), image_class_labels.txt ..., classes.txt ..., images/<class_dir>/<file>}", 2),
+    Case("cub-no-images-txt", L, "CUB root without `images.txt`", loader(lambda t: CUB200(t).load("train")),
+         DatasetLayoutError, r"no images.txt in .* or .*CUB_200_2011; expected layout: CUB_200_2011/",
+         "no images.txt in <root> or <root>/CUB_200_2011; expected layout: CUB_200_2011/{...}", 2),
+    Case("cub-file-missing", L, "CUB tree without `classes.txt`", cub(lambda d: (d / "classes.txt").unlink()),
+         DatasetLayoutError, r"classes.txt is missing; expected layout: CUB_200_2011/",
+         "<root>/CUB_200_2011/classes.txt is missing; expected layout: CUB_200_2011/{...}", 2),
+    Case("cub-image-missing", L, "an image listed in `images.txt` is not on disk",
+         cub(lambda d: (d / "images" / "002.Bird_2" / "Bird_2_0.jpg").unlink()), DatasetLayoutError,
+         r"1 of 12 images listed in .*images.txt are missing: .*Bird_2_0.jpg; expected layout",
+         "1 of 12 images listed in <root>/images.txt are missing: <root>/images/002.Bird_2/Bird_2_0.jpg; "
+         "expected layout: ...", 2),
+    Case("cub-label-out-of-range", L, "`image_class_labels.txt` uses a class id not in `classes.txt`",
+         cub(lambda d: (d / "image_class_labels.txt").write_text(
+             (d / "image_class_labels.txt").read_text().replace("12 4", "12 7"))), DatasetLayoutError,
+         r"image_class_labels.txt uses class ids \[7\] that are not in .*classes.txt",
+         "<root>/image_class_labels.txt uses class ids [7] that are not in <root>/classes.txt; expected every "
+         "class id to be listed in classes.txt", 2),
+    Case("cub-malformed-line", L, "a line of `images.txt` is not `<id> <path>`",
+         cub(lambda d: (d / "images.txt").write_text((d / "images.txt").read_text() + "thirteen x.jpg\n")),
+         DatasetLayoutError, r"images.txt line 13 is 'thirteen x.jpg'; expected '<id> <name>'",
+         "<root>/images.txt line 13 is 'thirteen x.jpg'; expected '<id> <name>' (...)", 2),
+    Case("cars-root-missing", L, "`dataset=cars196` with no tree", loader(lambda t: Cars196(t / "nowhere").load("train")),
+         DatasetLayoutError, r"Cars196 root .* does not exist; expected layout: <root>/\{cars_annos.mat",
+         "Cars196 root <root> does not exist; expected layout: <root>/{cars_annos.mat (struct array "
+         "'annotations' ...), car_ims/000001.jpg ...}", 2),
+    Case("cars-annos-missing", L, "Cars root without `cars_annos.mat`", cars(lambda r: (r / "cars_annos.mat").unlink()),
+         DatasetLayoutError, r"cars_annos.mat is missing; expected layout",
+         "<root>/cars_annos.mat is missing; expected layout: <root>/{cars_annos.mat ..., car_ims/...}", 2),
+    Case("cars-label-out-of-range", L, "an annotation's class id beyond `class_names`", cars(None, 4, class_names=3),
+         DatasetLayoutError, r"annotations use class ids \[4\] outside 1..3",
+         "<root>/cars_annos.mat: annotations use class ids [4] outside 1..3 (the length of 'class_names')", 2),
+    Case("sop-root-missing", L, "`dataset=sop` with no tree", loader(lambda t: SOP(t / "nowhere").load("train")),
+         DatasetLayoutError, r"SOP root .* does not exist; expected layout: Stanford_Online_Products/",
+         "SOP root <root> does not exist; expected layout: Stanford_Online_Products/{Ebay_train.txt, "
+         "Ebay_test.txt ...}", 2),
+    Case("sop-ebay-test-missing", L, "SOP tree without `Ebay_test.txt`", sop(drop_test=True), DatasetLayoutError,
+         r"Ebay_test.txt is missing; expected layout", "<root>/Ebay_test.txt is missing; expected layout: ...", 2),
+    Case("sop-bad-header", L, "`Ebay_train.txt` without its header line", sop(header="id class path"),
+         DatasetLayoutError, r"Ebay_train.txt starts with 'id class path'; expected the header "
+         r"'image_id class_id super_class_id path'",
+         "<root>/Ebay_train.txt starts with 'id class path'; expected the header 'image_id class_id "
+         "super_class_id path' (...)", 2),
+    Case("inshop-root-missing", L, "`dataset=inshop` with no tree", loader(lambda t: InShop(t / "nowhere").load("train")),
+         DatasetLayoutError, r"In-Shop root .* does not exist; expected layout",
+         "In-Shop root <root> does not exist; expected layout: <root>/{list_eval_partition.txt or "
+         "Eval/list_eval_partition.txt ...}", 2),
+    Case("inshop-partition-missing", L, "In-Shop root without `list_eval_partition.txt`",
+         loader(lambda t: InShop(t).load("train")), DatasetLayoutError,
+         r"no list_eval_partition.txt in .* or .*Eval; expected layout",
+         "no list_eval_partition.txt in <root> or <root>/Eval; expected layout: ...", 2),
+    Case("folder-root-missing", L, "`dataset=folder` with no tree", loader(lambda t: Folder(t / "nowhere").load("train")),
+         DatasetLayoutError, r"image folder root .* does not exist; expected layout: <root>/<class_name>/",
+         "image folder root <root> does not exist; expected layout: <root>/<class_name>/<image>.{jpg,png,...}", 2),
+    Case("synthetic-foreign-tree", L, "`dataset=synthetic` whose root holds a real `CUB_200_2011`",
+         loader(lambda t: (cub_tree(t), Synthetic(t, num_classes=4, images_per_class=2).load("train"))),
+         DatasetLayoutError, r"CUB_200_2011 exists but has no .*: it is not a synthetic tree .* will not be overwritten",
+         "<root>/CUB_200_2011 exists but has no synthetic_manifest.json: it is not a synthetic tree (the real "
+         "CUB-200-2011?) and will not be overwritten; point the synthetic dataset's root elsewhere", 2),
+    # ---- corrupt images ----
+    Case("corrupt-image-fail", "corrupt image", "an undecodable image, `data.on_bad_image=fail` (default)",
+         corrupt_fail, DatasetLayoutError,
+         r"cannot read image .*1.png \(item 1, class 0\): .*Expected an existing, readable image file.*"
+         r"set data.on_bad_image=skip",
+         "cannot read image <root>/c0/1.png (item 1, class 0): UnidentifiedImageError: ... Expected an existing, "
+         "readable image file (...); re-extract the dataset or set data.on_bad_image=skip to substitute another "
+         "image of the same class", 2),
+    Case("corrupt-image-skip", "corrupt image", "an undecodable image, `data.on_bad_image=skip`", corrupt_skip, None,
+         r"substituted", "not an error: a readable image of the same class is substituted, the file is logged "
+         "once as a warning and counted (`ImageDataset.num_skipped`)", 0),
+    Case("corrupt-image-whole-class", "corrupt image", "every image of a class undecodable, `data.on_bad_image=skip`",
+         corrupt_whole_class, DatasetLayoutError,
+         r"cannot read image .*1.png .* and no image of its class 0 is readable \(3 listed",
+         "cannot read image <root>/c0/1.png (...) and no image of its class 0 is readable (3 listed, e.g. "
+         "<root>/c0/0.png); expected at least one readable image per class", 2),
+    Case("corrupt-image-verify", "corrupt image", "`ImageDataset.verify()` on a set with 2 undecodable files",
+         corrupt_verify, DatasetLayoutError,
+         r"2 of 6 images are unreadable: .*1.png .*4.png .*set data.on_bad_image=skip",
+         "2 of 6 images are unreadable: <root>/c0/1.png (...); <root>/c1/4.png (...). Expected readable image "
+         "files; re-extract the dataset or set data.on_bad_image=skip", 2),
+    # ---- empty mining ----
+    Case("empty-selection-every-loss", "empty mining", "every `loss=` on a selection with no pair",
+         empty_selection_every_loss, None, r"exactly 0",
+         "not an error: the loss is exactly 0 with a zero, finite gradient (never NaN)", 0),
+    Case("empty-mining-training-step", "empty mining", "a miner that selects nothing (`miner.epsilon=-10`)",
+         empty_mining_training_step, None, r"exactly 0",
+         "not an error: train/loss is logged as exactly 0, mining/pos_pairs = mining/neg_pairs = 0, the "
+         "optimiser step is taken, nothing counted as non-finite", 0),
+    # ---- checkpoints ----
+    Case("ckpt-missing", "checkpoint", "`ckpt_path=/nonexistent/last.ckpt`", config("ckpt_path=/nonexistent/last.ckpt"),
+         ConfigError, r"ckpt_path: checkpoint /nonexistent/last.ckpt does not exist \(expected a .ckpt file, 'last'",
+         "ckpt_path: checkpoint /nonexistent/last.ckpt does not exist (expected a .ckpt file, 'last' for "
+         "<run dir>/checkpoints/last.ckpt, or null)", 2),
+    Case("ckpt-directory", "checkpoint", "`ckpt_path=<a directory>`", config("ckpt_path={tmp}"), ConfigError,
+         r"ckpt_path: checkpoint .* is a directory, not a checkpoint file",
+         "ckpt_path: checkpoint <dir> is a directory, not a checkpoint file (expected a .ckpt file, ...)", 2),
+    Case("ckpt-last-absent", "checkpoint", "`ckpt_path=last` with no `<run dir>/checkpoints/last.ckpt`",
+         last_absent, None, r"from scratch", "not an error: the run starts from scratch", 0),
+    Case("ckpt-unreadable", "checkpoint", "`ckpt_path=` a file that is not a checkpoint", write_garbage, ConfigError,
+         r"ckpt_path: cannot read checkpoint .*: .*expected a .ckpt file written by this framework",
+         "ckpt_path: cannot read checkpoint <path>: UnpicklingError: ...; expected a .ckpt file written by this "
+         "framework (e.g. <run dir>/checkpoints/last.ckpt)", 2),
+    Case("ckpt-plain-state-dict", "checkpoint", "`ckpt_path=` backbone weights (a plain state dict)", plain_state_dict,
+         ConfigError, r"ckpt_path: .* is not a Lightning checkpoint \(no 'state_dict' entry\).*"
+         r"backbone.checkpoint_path",
+         "ckpt_path: <path> is not a Lightning checkpoint (no 'state_dict' entry); ckpt_path resumes a run of this "
+         "framework. To start from backbone weights use backbone.checkpoint_path instead", 2),
+    Case("ckpt-other-backbone-dim", "checkpoint", "resume a `backbone.dim=16` run with `backbone.dim=32`",
+         config("ckpt_path={ckpt}", "backbone.dim=32"), ConfigError,
+         r"ckpt_path: checkpoint .*last.ckpt was written under another config: .* from config group\(s\) backbone "
+         r"\(2 shape mismatches: model.head.bias: \(16,\) in the checkpoint, \(32,\) here, model.head.weight: "
+         r"\(16, 512\) in the checkpoint, \(32, 512\) here\); config values that differ: backbone.dim: 16 in the "
+         r"checkpoint's run, 32 here",
+         "ckpt_path: checkpoint <run>/checkpoints/last.ckpt was written under another config: its state_dict does "
+         "not match the model built now from config group(s) backbone (2 shape mismatches: model.head.bias: (16,) "
+         "in the checkpoint, (32,) here, model.head.weight: (16, 512) in the checkpoint, (32, 512) here); config "
+         "values that differ: backbone.dim: 16 in the checkpoint's run, 32 here. Resume with the config of the "
+         "run that wrote it, or start a new run without ckpt_path", 2, cli=True),
+    Case("ckpt-static-into-meta", "checkpoint", f"resume a `threshold_policy=static` run with `{POLICY}`",
+         config("ckpt_path={ckpt}", POLICY), ConfigError,
+         r"written under another config: .* from config group\(s\) threshold_policy \(6 missing from the "
+         r"checkpoint: policy.exp_avg, .*config values that differ: threshold_policy._target_: "
+         r"'ddtas_lightning.policies.StaticThreshold' in the checkpoint's run, 'ddtas_lightning.policies.MetaThreshold'",
+         "ckpt_path: checkpoint <run>/checkpoints/last.ckpt was written under another config: its state_dict does "
+         "not match the model built now from config group(s) threshold_policy (6 missing from the checkpoint: "
+         "policy.exp_avg, policy.exp_avg_sq, policy.initialized, policy.lam, policy.meta_lam (and 1 more)); config "
+         "values that differ: threshold_policy._target_: 'ddtas_lightning.policies.StaticThreshold' in the "
+         "checkpoint's run, 'ddtas_lightning.policies.MetaThreshold' here; ... Resume with the config of the run "
+         "that wrote it, or start a new run without ckpt_path", 2),
+    Case("ckpt-other-backbone", "checkpoint", "resume a `resnet10t` run with `backbone.model_name=resnet14t`",
+         config("ckpt_path={ckpt}", "backbone.model_name=resnet14t"), ConfigError,
+         r"from config group\(s\) backbone \(.*\d+ missing from the checkpoint: model.backbone.*\(and \d+ more\)",
+         "ckpt_path: checkpoint <run>/checkpoints/last.ckpt was written under another config: its state_dict does "
+         "not match the model built now from config group(s) backbone (3 shape mismatches: ...; 15 missing from "
+         "the checkpoint: model.backbone.layer1.1.bn1.bias, ... (and 10 more)); config values that differ: "
+         "backbone.model_name: 'resnet10t' in the checkpoint's run, 'resnet14t' here. ...", 2),
+]
+
+
+def cli_exit_code(exc: BaseException) -> int | None:
+    """The exit code ``python -m ddtas_lightning.train`` ends with for ``exc`` (mirrors ``train.main``):
+    2 for one ``error:`` line, 1 for Hydra's composition errors, None for a traceback (never wanted)."""
+    if isinstance(exc, HYDRA_ERRORS):
+        return 1
+    cause = _root_cause(exc)
+    if isinstance(cause, ConfigError | DatasetLayoutError | FileNotFoundError) or (
+        isinstance(cause, ValueError) and cause is not exc
+    ):
+        return 2
+    return None
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory, data_dir) -> Path:
+    """last.ckpt of a one-step default run (resnet10t, backbone.dim=16, static policy), with the config
+    Hydra would have saved next to it in ``<run>/.hydra/config.yaml``."""
+    root = tmp_path_factory.mktemp("ckpt_run")
+    cfg = compose_train([*TINY_DATA, *[o for o in FAST if not o.startswith("callbacks")]], root, data_dir)
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def ctx(tmp_path, data_dir, request) -> SimpleNamespace:
+    return SimpleNamespace(tmp=tmp_path, data_dir=data_dir, ckpt=lambda: request.getfixturevalue("trained_ckpt"))
+
+
+def test_case_names_are_unique_and_examples_match_their_regex():
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names))
+    for case in CASES:
+        assert re.search(case.match, case.example, re.S), (case.name, case.example)
+        assert (case.error is None) == (case.exit == 0), case.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input(case: Case, ctx):
+    if case.error is None:  # handled: the runner asserts the outcome
+        case.run(ctx)
+        return
+    with pytest.raises(Exception) as info:
+        case.run(ctx)
+    cause = info.value if isinstance(info.value, HYDRA_ERRORS) else _root_cause(info.value)
+    assert isinstance(cause, case.error), f"{type(cause).__name__}: {cause}"
+    assert re.search(case.match, str(cause), re.S), str(cause)
+    assert cli_exit_code(info.value) == case.exit, f"the CLI would not print one line: {cause!r}"
+
+
+def test_resuming_with_the_same_config_passes_the_check(ctx):
+    cfg = compose_train(overrides_of(ctx, ("ckpt_path={ckpt}",)), ctx.tmp, ctx.data_dir)
+    _, module = build(cfg)
+    assert resolve_ckpt(cfg, ctx.tmp, module) == str(ctx.ckpt())
+
+
+@pytest.mark.slow  # ~10-25 s a subprocess; the in-process cases check the same messages and cli_exit_code
+@pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=lambda c: c.name)
+def test_cli_prints_one_line_and_exits_with_the_code(case: Case, ctx):
+    overrides = overrides_of(ctx, case.run.overrides)
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddtas_lightning.train", f"hydra.run.dir={ctx.tmp}/run",
+         f"paths.data_dir={ctx.data_dir}", *overrides],
+        capture_output=True, text=True, cwd=ctx.tmp, env=env, timeout=600,
+    )
+    assert proc.returncode == case.exit, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(case.match, last), last
+
+
+# ---- docs/bad_inputs.md ---------------------------------------------------------------------------
+def render_doc() -> str:
+    """The markdown table of CASES (docs/bad_inputs.md)."""
+    lines = [
+        "# Bad inputs and what they get",
+        "",
+        "Generated from `tests/test_bad_inputs.py` (`UPDATE_BAD_INPUTS_DOC=1 pytest tests/test_bad_inputs.py -k doc`);",
+        "every row is a test case, run in-process, and the message shown matches the regex the test checks.",
+        "",
+        "`python -m ddtas_lightning.train` prints a bad config value, dataset layout or checkpoint as one line,",
+        "`error: <message>`, and exits with code **2** (no traceback): the message names the key or the file",
+        "and what is allowed or expected. Hydra's own errors (an unknown group option or key, a malformed",
+        "override) keep Hydra's message and exit code **1**. Rows with exit code 0 are inputs that are not",
+        "errors but are handled in a defined way. `<root>`, `<run>`, `<path>` stand for your paths; `...`",
+        "marks text shortened here.",
+        "",
+    ]
+    category = None
+    for case in CASES:
+        if case.category != category:
+            category = case.category
+            lines += ["", f"## {category[0].upper()}{category[1:]}", "",
+                      "| case | input | exception | message / outcome | exit |", "|---|---|---|---|---|"]
+        error = f"`{case.error.__name__}`" if case.error else "none"
+        # a code span, so <root> etc. are not read as HTML; double backticks, as messages may contain one
+        example = ("`` " + case.example + " ``").replace("|", "\\|") if case.error else case.example
+        lines.append(f"| `{case.name}` | {case.trigger.replace('|', chr(92) + '|')} | {error} | {example} | {case.exit} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_doc_lists_every_case():
+    if os.environ.get("UPDATE_BAD_INPUTS_DOC"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(render_doc())
+    assert DOC.is_file(), "run UPDATE_BAD_INPUTS_DOC=1 pytest tests/test_bad_inputs.py -k doc"
+    assert DOC.read_text() == render_doc(), (
+        "docs/bad_inputs.md is out of date: UPDATE_BAD_INPUTS_DOC=1 pytest tests/test_bad_inputs.py -k doc")
+
