@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.validation import ConfigError, check_choice
 
 POOLINGS = ("avg", "max", "avg+max")
 
@@ -55,12 +55,26 @@ class Embedder(nn.Module):
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         else:
             create_kwargs.update(pretrained=pretrained)
-        self.backbone = timm.create_model(model_name, **create_kwargs)
+        try:
+            self.backbone = timm.create_model(model_name, **create_kwargs)
+        except OSError as e:  # hub weights requested offline: name the key and the offline way instead
+            if checkpoint_path or not pretrained:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"backbone.pretrained=true: the pretrained weights of {model_name!r} could not be fetched "
+                f"({type(e).__name__}: {first}); offline, download them elsewhere and set "
+                "backbone.checkpoint_path=/path/to/weights, or use backbone.pretrained=false"
+            ) from None
         self.pooling = pooling
         self.freeze_bn = freeze_bn
         self.normalize = normalize
         self.head = nn.Linear(self.backbone.num_features, dim)
         self.dim = dim
+        # Apply freeze_bn now: Lightning >= 2.2 never calls .train() when fitting starts (it only
+        # restores each submodule's captured mode after evaluation), so train() alone would leave BN in
+        # train mode for the whole run.
+        self.train()
 
     def pool(self, features: Tensor) -> Tensor:
         if features.ndim != 4:  # token sequences etc.: timm's own head pooling
