@@ -242,23 +242,33 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def exit_code_for(exc: BaseException) -> int | None:
+    """How the CLI ends for ``exc``: 2 = bad input (one ``error:`` line), 3 = training diverged
+    (non-finite guard; the message names the checkpoint), None = a bug (re-raised with its traceback)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from ddtas_lightning.data.records import DatasetLayoutError
+
+    cause = _root_cause(exc)
+    # MisconfigurationException: Lightning's own verdict on trainer.* values (devices=0, ...).
+    bad_input = ConfigError | DatasetLayoutError | FileNotFoundError | MisconfigurationException
+    if isinstance(cause, bad_input) or (isinstance(cause, ValueError) and cause is not exc):
+        return 2
+    if isinstance(cause, NonFiniteLossError):
+        return 3
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as exc:  # one clear line for bad input instead of a deep traceback
-        from ddtas_lightning.data.records import DatasetLayoutError
-
-        cause = _root_cause(exc)
-        if isinstance(cause, ConfigError | DatasetLayoutError | FileNotFoundError) or (
-            isinstance(cause, ValueError) and cause is not exc
-        ):
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(cause, NonFiniteLossError):  # training diverged; the message names the checkpoint
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(3)
-        raise
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

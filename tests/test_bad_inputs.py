@@ -38,7 +38,7 @@ from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
 from ddtas_lightning.data.sop import SOP
 from ddtas_lightning.data.synthetic import Synthetic
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.train import _root_cause, build, resolve_ckpt, train
+from ddtas_lightning.train import _root_cause, build, exit_code_for, resolve_ckpt, train
 from ddtas_lightning.validation import ConfigError
 from tests.conftest import CONF_DIR, TINY_DATA, compose_train
 from tests.data.conftest import cars_annos, corrupt, write_image
@@ -546,16 +546,11 @@ CASES = [
 
 
 def cli_exit_code(exc: BaseException) -> int | None:
-    """The exit code ``python -m ddtas_lightning.train`` ends with for ``exc`` (mirrors ``train.main``):
-    2 for one ``error:`` line, 1 for Hydra's composition errors, None for a traceback (never wanted)."""
+    """The exit code ``python -m ddtas_lightning.train`` ends with for ``exc``: 1 for Hydra's
+    composition errors, else ``train.exit_code_for`` (2 for one ``error:`` line, None for a traceback)."""
     if isinstance(exc, HYDRA_ERRORS):
         return 1
-    cause = _root_cause(exc)
-    if isinstance(cause, ConfigError | DatasetLayoutError | FileNotFoundError) or (
-        isinstance(cause, ValueError) and cause is not exc
-    ):
-        return 2
-    return None
+    return exit_code_for(exc)
 
 
 @pytest.fixture(scope="module")
