@@ -36,3 +36,25 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# NSPA study (issue 6): 4 negative-selection strategies x 5 seeds on gaussian_clusters, then mean +- std.
+NSPA_DIR ?= multirun/nspa_gaussian_clusters/study
+.PHONY: nspa
+nspa: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters \
+		miner=nspa_hardest,nspa_random_hard,nspa_semi_hard,nspa seed=0,1,2,3,4 \
+		hydra.sweep.dir=$(NSPA_DIR) $(ARGS)
+	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR)
+	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR) --split untrained
+	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR) --split heldout
+
+# Static grid vs learned thresholds (issue 7): `make sweep && make compare`. The sweep runs every arm of
+# conf/experiment/threshold_grid.yaml x 3 seeds into multirun/threshold_grid/<date>_<time>/; compare reads
+# the latest one (or SWEEP_DIR=<sweep dir>) and writes its table, plots and report.md to <sweep dir>/report/.
+SWEEP_DIR ?= multirun/threshold_grid
+.PHONY: sweep compare
+sweep: $(STAMP)
+	$(PY) -m ddtas_lightning.train -m experiment=threshold_grid $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m ddtas_lightning.compare $(SWEEP_DIR)

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -268,7 +269,16 @@ def main(cfg: DictConfig) -> float:
         if code is None:
             raise
         print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        if _in_multirun():
+            raise  # Hydra records the job as failed and the sweep goes on (compare reports it)
         sys.exit(code)
+
+
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under a Hydra app
+        return False
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def compose_only(*overrides: str) -> Callable[[SimpleNamespace], object]:
 
 # Every config group a user selects options from (hydra/ and local/ are not user choices).
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir()
-                if p.is_dir() and p.name not in ("hydra", "local") and any(p.glob("*.yaml")))
+                if p.is_dir() and p.name not in ("hydra", "local", "arm") and any(p.glob("*.yaml")))
 
 
 # ---- dataset trees ------------------------------------------------------------------------------
@@ -237,6 +237,11 @@ CASES = [
            rf"Could not find '{group}/nope'.*Available options in '{group}':.*{first}",
            f"In 'train': Could not find '{group}/nope' / Available options in '{group}': {first}, ...", 1)
       for group in GROUPS for first in [sorted(Path(CONF_DIR, group).glob("*.yaml"))[0].stem]],
+    # `arm` (sweep arms) exists only inside experiment=threshold_grid's defaults list
+    Case("unknown-option-arm", E, "`experiment=threshold_grid arm=nope`",
+         compose_only("experiment=threshold_grid", "arm=nope"), MissingConfigException,
+         r"Could not find 'arm/nope'.*Available options in 'arm':.*at_asms",
+         "In 'experiment/threshold_grid': Could not find 'arm/nope' / Available options in 'arm': at_asms, ...", 1),
     Case("unknown-key", E, "`data.batchsize=8` (a key that does not exist)", config("data.batchsize=8"),
          ConfigCompositionException, r"Could not override 'data.batchsize'",
          "Could not override 'data.batchsize'. To append to your config use +data.batchsize=8 ...", 1),

@@ -1,0 +1,169 @@
+"""PNG plots of a comparison (matplotlib, Agg backend: no display needed).
+
+* ``r1_vs_threshold.png``: test R@1 (mean +- std over seeds) against the static lambda (one line per
+  fixed margin) and against the static miner margin (one line per fixed lambda), each dynamic arm drawn
+  across the panel as a horizontal line with its +-std band;
+* ``lambda_curves.png``: the learned lambda over training steps (thin: each seed; thick: their mean),
+  the static grid's lambdas dotted;
+* ``at_asms_curves.png``: AT-ASMS's ratio r, tolerance t and margins gamma+ / gamma- over steps (seed
+  mean, moving average over 10 steps).
+A plot without anything to show is not written.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ddtas_lightning.report.summary import ArmSummary, Comparison, adapts_margin, learns_lambda  # noqa: E402
+
+SMOOTH = 10  # steps of the moving average of the AT-ASMS curves
+
+
+def _colors(arms: list[ArmSummary]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {a.label: cycle[i % len(cycle)] for i, a in enumerate(arms)}
+
+
+def _grid_lines(static: list[ArmSummary], x_of, fixed_of,
+                min_points: int = 2) -> dict[float, list[tuple[float, ArmSummary]]]:
+    """Static arms on a line per value of the *other* threshold, kept when it has ``min_points`` x values."""
+    lines: dict[float, list[tuple[float, ArmSummary]]] = defaultdict(list)
+    for s in static:
+        x, fixed = x_of(s), fixed_of(s)
+        if x is not None and fixed is not None and not math.isnan(s.r1.mean):
+            lines[fixed].append((x, s))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items() if len({x for x, _ in v}) >= min_points}
+
+
+def plot_r1_vs_threshold(c: Comparison, path: Path) -> Path | None:
+    static = [s for s in c.arms if s.kind == "static"]
+    dynamic = [s for s in c.arms if s.kind == "dynamic" and not math.isnan(s.r1.mean)]
+    panels = [
+        ("static loss threshold λ", _grid_lines(static, lambda s: s.arm.first.loss_threshold,
+                                                lambda s: s.arm.first.margin), "m"),
+        ("static miner margin m", _grid_lines(static, lambda s: s.arm.first.margin,
+                                              lambda s: s.arm.first.loss_threshold), "λ"),
+    ]
+    panels = [p for p in panels if p[1]]
+    if not panels:  # no grid line: the static points against lambda, still crossed by the dynamic runs
+        points = _grid_lines(static, lambda s: s.arm.first.loss_threshold, lambda s: s.arm.first.margin, 1)
+        if not points:
+            return None
+        panels = [("static loss threshold λ", points, "m")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    colors = _colors(dynamic)
+    for ax, (xlabel, lines, fixed_name) in zip(axes[0], panels):
+        for fixed, points in sorted(lines.items()):
+            xs = [x for x, _ in points]
+            ys = [100 * s.r1.mean for _, s in points]
+            err = [0 if math.isnan(s.r1.std) else 100 * s.r1.std for _, s in points]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="black",
+                        label=f"static grid ({fixed_name} = {fixed:g})")
+        for s in dynamic:
+            mean = 100 * s.r1.mean
+            ax.axhline(mean, color=colors[s.label], linestyle="--", label=f"{s.label} ({s.arm.first.policy})")
+            if not math.isnan(s.r1.std):
+                ax.axhspan(mean - 100 * s.r1.std, mean + 100 * s.r1.std, color=colors[s.label], alpha=0.12)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test R@1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Static grid (mean ± std over seeds) vs dynamic runs (dashed, ± std band)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _seed_mean(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for curve in curves:
+        for step, value in curve:
+            by_step[step].append(value)
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+def _smooth(values: list[float], window: int = SMOOTH) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_lambda_curves(c: Comparison, path: Path) -> Path | None:
+    learned = [s for s in c.arms if learns_lambda(s.arm)]
+    if not learned:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(learned)
+    for lam in sorted({s.arm.first.loss_threshold for s in c.arms
+                       if s.kind == "static" and s.arm.first.loss_threshold is not None}):
+        ax.axhline(lam, color="grey", linestyle=":", linewidth=1)
+    for s in learned:
+        curves = [r.curves["train/lambda"] for r in s.arm.ok_runs if r.curves.get("train/lambda")]
+        for curve in curves:
+            ax.plot(*zip(*curve), color=colors[s.label], alpha=0.3, linewidth=0.8)
+        ax.plot(*_seed_mean(curves), color=colors[s.label], linewidth=2, label=f"{s.label} (mean of {len(curves)})")
+    if c.best_static is not None and c.best_static.arm.first.loss_threshold is not None:
+        ax.axhline(c.best_static.arm.first.loss_threshold, color="black", linestyle=":", linewidth=1.5,
+                   label=f"best static λ ({c.best_static.label})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("λ (loss threshold)")
+    ax.set_title("Learned λ over training (dotted: the static grid)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_at_asms_curves(c: Comparison, path: Path) -> Path | None:
+    adaptive = [s for s in c.arms if adapts_margin(s.arm)]
+    if not adaptive:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = _colors(adaptive)
+    for s in adaptive:
+        runs = s.arm.ok_runs
+        for ax, key in zip(axes[:2], ("mining/ratio", "mining/tolerance")):
+            steps, mean = _seed_mean([r.curves.get(key, []) for r in runs])
+            ax.plot(steps, _smooth(mean), color=colors[s.label], label=s.label)
+        for key, style in (("mining/gamma_pos", "-"), ("mining/gamma_neg", "--")):
+            steps, mean = _seed_mean([r.curves.get(key, []) for r in runs])
+            sign = "+" if key.endswith("pos") else "-"
+            axes[2].plot(steps, _smooth(mean), style, color=colors[s.label], label=f"{s.label} γ{sign}")
+    for ax, title in zip(axes, ("ratio r = counted negatives / positives", "tolerance t",
+                                "margins γ+ (solid), γ- (dashed)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"AT-ASMS over training (mean over seeds, moving average of {SMOOTH} steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(c: Comparison, out_dir: Path) -> list[Path]:
+    """Every plot that has something to show, as PNG files in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = [
+        plot_r1_vs_threshold(c, out_dir / "r1_vs_threshold.png"),
+        plot_lambda_curves(c, out_dir / "lambda_curves.png"),
+        plot_at_asms_curves(c, out_dir / "at_asms_curves.png"),
+    ]
+    return [p for p in made if p is not None]

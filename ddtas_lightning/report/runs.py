@@ -1,0 +1,269 @@
+"""Reading a Hydra multirun: one :class:`Run` per job dir, grouped into :class:`Arm` s (runs that differ
+only in their seed).
+
+A sweep dir (``multirun/<task_name>/<date>_<time>``) holds Hydra's ``multirun.yaml`` and one sub-dir per
+job with ``.hydra/`` (config, overrides, choices), ``metrics.json`` (written by ``train.py`` when the run
+finished) and ``csv/metrics.csv`` (every training step: ``train/lambda``, ``mining/*``). A job dir
+without ``metrics.json`` is a failed (or unfinished) run: reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ddtas_lightning.report.kinds import class_name, run_kind
+
+SWEEP_MARKER = "multirun.yaml"  # Hydra writes it into the sweep dir before the first job starts
+# Per-step curves the report plots (CSV logger columns).
+CURVES = ("train/lambda", "mining/ratio", "mining/tolerance", "mining/gamma_pos", "mining/gamma_neg")
+
+
+class SweepError(ValueError):
+    """The directory cannot be compared (missing, empty, not a sweep); the message says why."""
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "metrics.json").is_file() or (path / ".hydra").is_dir())
+
+
+def _sort_key(path: Path) -> tuple:
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+
+
+def run_dirs(sweep: Path) -> list[Path]:
+    """The job dirs of a sweep, in job-number order."""
+    return sorted((p for p in sweep.iterdir() if _is_run_dir(p)), key=_sort_key)
+
+
+def find_sweep(path: Path) -> Path:
+    """The sweep dir to read: ``path`` itself when it is one, else the newest sweep below it (so
+    ``multirun/<task_name>`` means its latest sweep). Raises :class:`SweepError` otherwise."""
+    if not path.exists():
+        raise SweepError(f"{path} does not exist (a sweep dir: multirun/<task_name>/<date>_<time>; "
+                         "`make sweep` makes multirun/threshold_grid/...)")
+    if not path.is_dir():
+        raise SweepError(f"{path} is not a directory (expected a sweep dir, multirun/<task_name>/<date>_<time>)")
+    if (path / SWEEP_MARKER).is_file() or run_dirs(path):
+        return path
+    if not any(path.iterdir()):
+        raise SweepError(f"{path} is empty: no sweep to compare (start one with `make sweep`)")
+    sweeps = [p.parent for p in path.glob(f"*/{SWEEP_MARKER}")]
+    if sweeps:
+        return max(sweeps, key=lambda p: ((p / SWEEP_MARKER).stat().st_mtime, p.name))
+    if (path / ".hydra").is_dir() or (path / "metrics.json").is_file():
+        raise SweepError(f"{path} is a single run, not a sweep: compare reads a multirun dir "
+                         "(multirun/<task_name>/<date>_<time>, made by `train -m`)")
+    raise SweepError(f"{path} is not a Hydra sweep: no {SWEEP_MARKER} and no job sub-directories with "
+                     "metrics.json or .hydra/ (expected multirun/<task_name>/<date>_<time>)")
+
+
+def _load_yaml(path: Path) -> DictConfig | None:
+    cfg = _load_any(path)
+    return cfg if isinstance(cfg, DictConfig) else None
+
+
+def _load_any(path: Path):
+    try:
+        return OmegaConf.load(path)
+    except Exception:  # absent or unreadable: the run is still reported, with fewer details
+        return None
+
+
+def _select(cfg: DictConfig | None, key: str):
+    """A config value without resolving the rest (``${hydra:...}`` cannot be resolved outside a run)."""
+    if cfg is None:
+        return None
+    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+
+
+def _last_error_line(run: Path) -> str | None:
+    """The last line of the job's log files that names an error, to say why a run failed."""
+    found = None
+    for log in sorted(run.glob("*.log")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "error" in line.lower() or "exception" in line.lower() or "traceback" in line.lower():
+                found = line.strip()
+    return found
+
+
+@dataclass
+class Run:
+    """One job of the sweep. ``metrics`` is None when the run did not finish (``error`` says why)."""
+
+    path: Path
+    overrides: tuple[str, ...]
+    metrics: dict | None
+    error: str | None
+    config: DictConfig | None = field(repr=False, default=None)
+    choices: dict = field(default_factory=dict)  # Hydra's group choices (hydra.runtime.choices)
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        hydra_dir = path / ".hydra"
+        config = _load_yaml(hydra_dir / "config.yaml")
+        hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
+        choices = _select(hydra_cfg, "hydra.runtime.choices") or {}
+        metrics, error = None, None
+        metrics_path = path / "metrics.json"
+        if metrics_path.is_file():
+            try:
+                metrics = json.loads(metrics_path.read_text())
+            except (OSError, ValueError) as exc:
+                error = f"metrics.json unreadable: {exc}"
+        else:
+            cause = _last_error_line(path)
+            error = "no metrics.json (the run failed or did not finish)" + (f": {cause}" if cause else "")
+        if metrics is not None and "overrides" in metrics:
+            overrides = metrics["overrides"]
+        else:
+            listed = _load_any(hydra_dir / "overrides.yaml")
+            overrides = OmegaConf.to_container(listed) if isinstance(listed, ListConfig) else []
+        return cls(path, tuple(str(o) for o in overrides or ()), metrics, error, config, dict(choices))
+
+    @property
+    def ok(self) -> bool:
+        return self.metrics is not None
+
+    @property
+    def seed(self) -> int | None:
+        if self.metrics and "seed" in self.metrics:
+            return int(self.metrics["seed"])
+        for o in self.overrides:
+            if o.startswith("seed="):
+                return int(o.split("=", 1)[1])
+        seed = _select(self.config, "seed")
+        return None if seed is None else int(seed)
+
+    @property
+    def policy_target(self) -> str | None:
+        return _select(self.config, "threshold_policy._target_") or (self.metrics or {}).get("choices", {}).get(
+            "threshold_policy")
+
+    @property
+    def miner_target(self) -> str | None:
+        return _select(self.config, "miner._target_") or (self.metrics or {}).get("choices", {}).get("miner")
+
+    @property
+    def kind(self) -> str:
+        return run_kind(self.policy_target, self.miner_target)
+
+    @property
+    def policy(self) -> str:
+        """``<threshold_policy choice> + <miner choice>``, e.g. ``meta + asms``."""
+        policy = self.choices.get("threshold_policy") or class_name(self.policy_target)
+        miner = self.choices.get("miner") or class_name(self.miner_target)
+        return f"{policy} + {miner}"
+
+    @property
+    def loss_threshold(self) -> float | None:
+        value = (self.metrics or {}).get("loss_threshold", _select(self.config, "loss.threshold"))
+        return None if value is None else float(value)
+
+    @property
+    def margin(self) -> float | None:
+        """The miner's margin (ASMS, AT-ASMS: ``margin``; MS mining: ``epsilon``)."""
+        for key in ("miner.margin", "miner.epsilon"):
+            value = _select(self.config, key)
+            if isinstance(value, int | float):
+                return float(value)
+        return None
+
+    def metric(self, name: str) -> float:
+        """``test/<name>`` of the best checkpoint, else the last ``val/<name>``; NaN when absent."""
+        for split in ("test", "val"):
+            value = (self.metrics or {}).get(split, {}).get(f"{split}/{name}")
+            if value is not None:
+                return float(value)
+        return math.nan
+
+    @property
+    def wall_time_s(self) -> float:
+        return float((self.metrics or {}).get("wall_time_s", math.nan))
+
+    @cached_property
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """Per-step values of :data:`CURVES` from the CSV logger (empty when the run has no CSV log)."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        files = sorted(self.path.glob("csv/**/metrics.csv")) or sorted(self.path.glob("**/metrics.csv"))
+        if not files:
+            return out
+        with files[0].open(newline="") as f:
+            for row in csv.DictReader(f):
+                step = row.get("step")
+                for key in CURVES:
+                    value = row.get(key)
+                    if step not in (None, "") and value not in (None, ""):
+                        out.setdefault(key, []).append((int(float(step)), float(value)))
+        return out
+
+
+@dataclass
+class Arm:
+    """The runs of one configuration (the same overrides apart from ``seed``)."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def failed_runs(self) -> list[Run]:
+        return [r for r in self.runs if not r.ok]
+
+    @property
+    def first(self) -> Run:
+        """The run whose config describes the arm (a finished one when there is one)."""
+        return (self.ok_runs or self.runs)[0]
+
+    @property
+    def kind(self) -> str:
+        return self.first.kind
+
+    def values(self, name: str) -> list[float]:
+        return [v for v in (r.metric(name) for r in self.ok_runs) if not math.isnan(v)]
+
+    def by_seed(self, name: str) -> dict[int, float]:
+        return {r.seed: r.metric(name) for r in self.ok_runs if r.seed is not None}
+
+
+def load_sweep(sweep: Path) -> list[Run]:
+    runs = [Run.load(p) for p in run_dirs(sweep)]
+    if not runs:
+        raise SweepError(f"{sweep} holds no runs yet: {SWEEP_MARKER} but no job sub-directories "
+                         "(did the sweep start any job?)")
+    return runs
+
+
+def _key_value(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def group_arms(runs: list[Run]) -> list[Arm]:
+    """Groups runs whose overrides differ only in ``seed``; an arm's label is what sets it apart from the
+    other arms (``arm=meta`` -> ``meta``), in the order the sweep ran them."""
+    keyed = [(r, tuple(sorted(o for o in r.overrides if _key_value(o)[0] != "seed"))) for r in runs]
+    common = set.intersection(*(set(k) for _, k in keyed)) if keyed else set()
+    arms: dict[tuple[str, ...], Arm] = {}
+    for run, key in keyed:
+        distinct = [o for o in run.overrides if o not in common and _key_value(o)[0] != "seed"]
+        if distinct and all(_key_value(o)[0] == "arm" for o in distinct):
+            label = " ".join(_key_value(o)[1] for o in distinct)
+        else:
+            label = " ".join(distinct) or "(all runs)"
+        arms.setdefault(key, Arm(label, [])).runs.append(run)
+    return list(arms.values())
