@@ -27,6 +27,10 @@ and the final ranking is decided on a canonical score:
    not depend on the candidate's position), then sorted by ``(-score, reference index)``: **equal similarity ->
    smaller reference index first**. The returned similarities are these scores cast to float32.
 
+Steps 1-2 are :meth:`KNNIndex.candidate_chunks`; :meth:`KNNIndex.search` adds step 3, and the retrieval metrics
+use the same candidate lists and the same float64 scores (:func:`pair_scores`) to compute exact ranks of relevant
+items instead (:mod:`ddtas_lightning.metrics.ranks`).
+
 Self-exclusion is by id, never by value: a reference item whose id equals the query's id is never returned,
 while a duplicated embedding of a different item is.
 
@@ -39,6 +43,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -52,8 +58,10 @@ log = logging.getLogger(__name__)
 Backend = Literal["torch", "faiss"]
 BACKENDS: tuple[str, ...] = ("torch", "faiss")
 
-# Element budgets of the temporary buffers (not bytes). 2**25 float32 = 128 MiB for a torch similarity block.
-_SIM_BLOCK_ELEMENTS = 2**25
+# Element budgets of the temporary buffers (not bytes). 2**26 float32 = 256 MiB for a torch similarity block:
+# large enough for an efficient GEMM and few (thread-synchronising) small ops per query, far below N x N at SOP
+# scale (60,502^2 floats = 14 GiB).
+_SIM_BLOCK_ELEMENTS = 2**26
 _RESCORE_BLOCK_ELEMENTS = 2**22  # float64 candidate vectors re-scored at once (32 MiB)
 _FAISS_CHUNK_ROWS = 4096
 _FAISS_GPU_MAX_K = 2048  # faiss' GPU k-selection limit
@@ -67,6 +75,30 @@ def _float32_input_unit_roundoff(gpu_faiss: bool = False) -> float:
     if gpu_faiss:  # faiss' GPU GEMM may run in TF32 on Ampere and later
         u_in = max(u_in, 2.0**-11)
     return u_in
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return int(k)
+
+
+@dataclass
+class CandidateChunk:
+    """Complete float32 candidate lists of one chunk of queries (see :meth:`KNNIndex.candidate_chunks`).
+
+    ``rows`` selects the chunk in the full query batch of ``num_queries``; ``query`` / ``tol`` are the chunk's
+    embeddings and float32 error bounds. ``lists`` holds ``(sub_rows, cand_sims, cand_idx)`` triples covering
+    every row of the chunk once: rows whose list had to be widened come in a separate, wider triple.
+    ``similarities`` is the chunk's ``(chunk, N)`` float32 block (torch backend, when asked for).
+    """
+
+    num_queries: int
+    rows: slice
+    query: Tensor
+    tol: Tensor
+    lists: list[tuple[Tensor | slice, Tensor, Tensor]]
+    similarities: Tensor | None
 
 
 def _check_embeddings(x: Tensor, name: str) -> Tensor:
@@ -98,7 +130,7 @@ class KNNIndex:
         reference: (N, d) embeddings, L2-normalised for cosine similarity (not normalised here).
         backend: ``"torch"`` (chunked matmul + top-k) or ``"faiss"`` (``IndexFlatIP``).
         reference_ids: optional (N,) integer ids, unique, used for self-exclusion.
-        chunk_size: queries per block. ``None``: torch picks ``2**25 // N`` rows (a 128 MiB similarity block),
+        chunk_size: queries per block. ``None``: torch picks ``2**26 // N`` rows (a 256 MiB similarity block),
             faiss 4096 rows (its memory is ``O(chunk x k)``; faiss blocks the database itself).
     """
 
@@ -194,8 +226,36 @@ class KNNIndex:
         row has fewer available items). ``query_ids`` (with ``reference_ids`` given at construction) excludes,
         for each query, the reference item with the same id.
         """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k_out = min(_check_k(k), self.num_reference)
+        out_sims = out_idx = None
+        for chunk in self.candidate_chunks(query, k, query_ids=query_ids):
+            if out_sims is None:
+                num_query = chunk.num_queries
+                out_sims = torch.full((num_query, k_out), -math.inf, dtype=torch.float32, device=self.device)
+                out_idx = torch.full((num_query, k_out), -1, dtype=torch.int64, device=self.device)
+            for sub_rows, cand_sims, cand_idx in chunk.lists:
+                sims, idx = _rescore(
+                    chunk.query[sub_rows], self.reference, cand_sims, cand_idx, k_out, chunk.tol[sub_rows]
+                )
+                out_sims[chunk.rows][sub_rows] = sims
+                out_idx[chunk.rows][sub_rows] = idx
+        if out_sims is None:  # no queries
+            out_sims = torch.empty(0, k_out, dtype=torch.float32, device=self.device)
+            out_idx = torch.empty(0, k_out, dtype=torch.int64, device=self.device)
+        return out_sims, out_idx
+
+    def candidate_chunks(
+        self, query: Tensor, k: int, *, query_ids: Tensor | None = None, keep_similarities: bool = False
+    ) -> Iterator[CandidateChunk]:
+        """Float32 candidate lists that are *complete* to depth ``min(k, N)``, one query chunk at a time.
+
+        Steps 1-2 of the module docstring: every reference item that can be among a query's exact top-``k`` is in
+        its list, and every item left out is certainly ranked below ``k`` items of the list. Callers derive the
+        exact order from the lists (:meth:`search`, :mod:`ddtas_lightning.metrics.ranks`). With
+        ``keep_similarities`` the torch backend also hands out the chunk's ``(chunk, N)`` float32 block (own id
+        at ``-inf``), for callers that need ranks deeper than ``k``.
+        """
+        _check_k(k)
         query = _check_embeddings(query, "query")
         if query.shape[1] != self.dim:
             raise ValueError(f"query has dim {query.shape[1]} but reference has dim {self.dim}")
@@ -206,33 +266,48 @@ class KNNIndex:
         query_ids = _check_ids(query_ids, len(query), "query_ids", self.device)
         k_out = min(int(k), self.num_reference)
         num_query = len(query)
-        out_sims = torch.full((num_query, k_out), -math.inf, dtype=torch.float32, device=self.device)
-        out_idx = torch.full((num_query, k_out), -1, dtype=torch.int64, device=self.device)
         excluded = self._excluded_column(query_ids)
         tol = self._tolerance(query)
         if self.backend == "torch":
-            chunk = self.chunk_size or max(1, _SIM_BLOCK_ELEMENTS // self.num_reference)
-            search_chunk = self._search_chunk_torch
+            chunk = self.chunk_size or self.similarity_rows_per_block
         else:
             chunk = self.chunk_size or _FAISS_CHUNK_ROWS
-            search_chunk = self._search_chunk_faiss
         for start in range(0, num_query, chunk):
             rows = slice(start, min(start + chunk, num_query))
             excl = None if excluded is None else excluded[rows]
             q, t = query[rows], tol[rows]
-            for sub_rows, cand_sims, cand_idx in search_chunk(q, k_out, excl, t):
-                sims, idx = _rescore(q[sub_rows], self.reference, cand_sims, cand_idx, k_out, t[sub_rows])
-                out_sims[rows][sub_rows] = sims
-                out_idx[rows][sub_rows] = idx
-        return out_sims, out_idx
+            if self.backend == "torch":
+                sim = self._similarity_block(q, excl)
+                lists = list(self._search_chunk_torch(sim, k_out, t))
+                yield CandidateChunk(num_query, rows, q, t, lists, sim if keep_similarities else None)
+            else:
+                lists = list(self._search_chunk_faiss(q, k_out, excl, t))
+                yield CandidateChunk(num_query, rows, q, t, lists, None)
 
-    def _search_chunk_torch(self, q: Tensor, k: int, excl: Tensor | None, tol: Tensor):
-        """Yield (row selector, candidate float32 sims, candidate indices) for one chunk of queries."""
-        n = self.num_reference
-        sim = q @ self.reference.T  # (chunk, N) float32
+    @property
+    def similarity_rows_per_block(self) -> int:
+        """Query rows per ``(rows, N)`` float32 similarity block within the memory budget."""
+        return max(1, _SIM_BLOCK_ELEMENTS // self.num_reference)
+
+    def similarities(self, query: Tensor, *, query_ids: Tensor | None = None) -> Tensor:
+        """``(Q, N)`` float32 inner products by a torch GEMM (any backend), the query's own id at ``-inf``.
+
+        Callers bound ``Q`` (e.g. by :attr:`similarity_rows_per_block`): this is one block, not a chunked search.
+        """
+        query_ids = _check_ids(query_ids, len(query), "query_ids", self.device)
+        return self._similarity_block(query, self._excluded_column(query_ids))
+
+    def _similarity_block(self, q: Tensor, excl: Tensor | None) -> Tensor:
+        """``(chunk, N)`` float32 inner products, the query's own id set to ``-inf``."""
+        sim = q @ self.reference.T
         if excl is not None:
             has = excl >= 0
             sim[has.nonzero().squeeze(1), excl[has]] = -math.inf
+        return sim
+
+    def _search_chunk_torch(self, sim: Tensor, k: int, tol: Tensor):
+        """Yield (row selector, candidate float32 sims, candidate indices) for one chunk's similarity block."""
+        n = self.num_reference
         kk = min(n, k + 1 + _MARGIN)
         cand_sims, cand_idx = torch.topk(sim, kk, dim=1, largest=True, sorted=True)
         cand_idx = torch.where(torch.isfinite(cand_sims), cand_idx, torch.full_like(cand_idx, -1))
@@ -298,7 +373,7 @@ def _rescore(
     m = len(q)
     if m == 0:
         return cand_sims.new_empty(0, k), cand_idx.new_empty(0, k)
-    n_ref, dim = reference.shape
+    n_ref = len(reference)
     valid = cand_idx >= 0
     if cand_sims.shape[1] >= k:
         kth = cand_sims[:, k - 1]
@@ -307,15 +382,9 @@ def _rescore(
         keep = valid
     width = max(int(keep.sum(dim=1).max()), 1)  # keep is a prefix of each row
     keep, cand_idx = keep[:, :width], cand_idx[:, :width]
-    safe_idx = cand_idx.clamp_min(0)
-    scores = torch.empty(m, width, dtype=torch.float64, device=q.device)
-    rows_per_block = max(1, _RESCORE_BLOCK_ELEMENTS // (width * dim))
-    q64 = q.to(torch.float64)
-    for s in range(0, m, rows_per_block):
-        e = min(s + rows_per_block, m)
-        cand = reference[safe_idx[s:e]].to(torch.float64)  # (rows, width, d)
-        scores[s:e] = (cand * q64[s:e, None, :]).sum(dim=-1)
-    scores.masked_fill_(~keep, -math.inf)
+    pair_rows, pair_cols = keep.nonzero(as_tuple=True)
+    scores = torch.full((m, width), -math.inf, dtype=torch.float64, device=q.device)
+    scores[pair_rows, pair_cols] = pair_scores(q, reference, pair_rows, cand_idx[pair_rows, pair_cols])
     # lexicographic sort on (-score, index): sort by index, then a stable sort by score
     key_idx = torch.where(keep, cand_idx, torch.full_like(cand_idx, n_ref))
     key_idx, order = torch.sort(key_idx, dim=1, stable=True)
@@ -331,6 +400,24 @@ def _rescore(
         sims = torch.cat([sims, sims.new_full((m, pad), -math.inf)], dim=1)
         key_idx = torch.cat([key_idx, key_idx.new_full((m, pad), -1)], dim=1)
     return sims, key_idx
+
+
+def pair_scores(query: Tensor, reference: Tensor, query_rows: Tensor, reference_idx: Tensor) -> Tensor:
+    """Canonical float64 scores of the pairs ``(query[query_rows[i]], reference[reference_idx[i]])``.
+
+    Products of two float32 numbers are exact in float64, and each pair is reduced on its own (an element-wise
+    product and a sum over the contiguous last dimension), so a score depends only on the two vectors: never on
+    the pair's position, the block it is computed in, or the backend that proposed it. Every exact ranking in
+    this package (k-NN lists, ranks of relevant items) compares these scores.
+    """
+    num_pairs, dim = len(query_rows), reference.shape[1]
+    out = torch.empty(num_pairs, dtype=torch.float64, device=reference.device)
+    block = max(1, _RESCORE_BLOCK_ELEMENTS // dim)
+    for s in range(0, num_pairs, block):
+        e = min(s + block, num_pairs)
+        r64 = reference[reference_idx[s:e]].to(torch.float64)
+        out[s:e] = (r64 * query[query_rows[s:e]].to(torch.float64)).sum(dim=-1)
+    return out
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -363,4 +450,4 @@ def knn(
     return index.search(query, k, query_ids=query_ids)
 
 
-__all__ = ["BACKENDS", "Backend", "KNNIndex", "knn"]
+__all__ = ["BACKENDS", "Backend", "CandidateChunk", "KNNIndex", "knn", "pair_scores"]

@@ -12,8 +12,10 @@ similarity (the query itself excluded by dataset index, ties broken by the small
 - ``NMI``          see :mod:`ddtas_lightning.metrics.clustering` (k-means on the query embeddings).
 
 Each k-NN metric is the mean over queries with ``R >= 1``; queries with ``R = 0`` ("lone" queries) are excluded,
-as PML does, and reported as ``num_lone_queries`` (metrics are NaN if every query is lone). Only the first
-``k = max(max K, max R)`` neighbours are needed, so MAP@R is exact with ``O(Q k)`` memory.
+as PML does, and reported as ``num_lone_queries`` (metrics are NaN if every query is lone). The metrics only
+depend on the ranks of the relevant items (the best one up to max K, the others up to R), which
+:mod:`ddtas_lightning.metrics.ranks` computes exactly without putting whole neighbour lists in order; memory is
+``O(Q max(max K, max R))`` plus one similarity block, never ``N x N``.
 
 Queries and gallery may differ (In-Shop): items carry ``is_query`` / ``is_gallery`` flags; an item that is both
 is excluded from its own neighbour list by its dataset index, while a duplicated embedding of another image is
@@ -34,6 +36,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ddtas_lightning.metrics.clustering import clustering_nmi
 from ddtas_lightning.metrics.neighbors import BACKENDS, Backend, KNNIndex
+from ddtas_lightning.metrics.ranks import RelevantRanker
 from ddtas_lightning.validation import check_choice
 
 DEFAULT_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
@@ -159,26 +162,31 @@ def compute_retrieval_metrics(
     rp_sum = map_sum = 0.0
     if want_knn and num_eval > 0:
         eval_rows = not_lone.nonzero().squeeze(1)
-        k = max(max(recall_ks, default=1), int(r.max()))
+        # ranks <= R decide MAP@R and R-Precision; the best relevant item's rank (up to max K) decides R@K
+        depth = int(r[eval_rows].max()) if (map_at_r or r_precision) else 0
+        first_depth = max(recall_ks, default=0)
         index = KNNIndex(g_emb, backend=backend, reference_ids=g_ids, chunk_size=chunk_size)
-        block = max(1, _OUTPUT_BLOCK_ELEMENTS // k)
+        ranker = RelevantRanker(index, g_labels)
+        block = max(1, _OUTPUT_BLOCK_ELEMENTS // max(depth, first_depth, 1))
         for start in range(0, num_eval, block):
             rows = eval_rows[start : start + block]
             item_rows = q_pos[rows]
             contiguous = len(item_rows) == int(item_rows[-1] - item_rows[0]) + 1  # a slice: no copy
             q_emb = emb[int(item_rows[0]) : int(item_rows[-1]) + 1] if contiguous else emb[item_rows]
-            _, nbr = index.search(q_emb, k, query_ids=q_ids[rows])
-            rel = (nbr >= 0) & (g_labels[nbr.clamp_min(0)] == q_labels[rows, None])
+            ranks, first = ranker.ranks(
+                q_emb, q_labels[rows], q_ids[rows], depth=depth, first_depth=first_depth
+            )
             for kk in recall_ks:
-                hits[kk] += int(rel[:, :kk].any(dim=1).sum())
+                hits[kk] += int((first <= kk).sum())
             r_rows = r[rows]
-            rank = torch.arange(1, rel.shape[1] + 1, device=device)
-            rel_r = rel & (rank[None, :] <= r_rows[:, None])
+            within = ranks <= r_rows[:, None]  # ranks are increasing along a row
             if r_precision:
-                rp_sum += float((rel_r.sum(dim=1).double() / r_rows).sum())
+                rp_sum += float((within.sum(dim=1).double() / r_rows).sum())
             if map_at_r:
-                prec = rel_r.cumsum(dim=1).double() / rank
-                map_sum += float(((prec * rel_r).sum(dim=1) / r_rows).sum())
+                # the j-th relevant item at rank rho_j <= R contributes P(rho_j) = j / rho_j
+                j = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
+                prec = torch.where(within, j / ranks.double(), 0.0)
+                map_sum += float((prec.sum(dim=1) / r_rows).sum())
     nan = float("nan")
     for kk in recall_ks:
         out[f"R@{kk}"] = hits[kk] / num_eval if num_eval else nan
@@ -203,8 +211,10 @@ class RetrievalMetrics(Metric):
     de-duplicates by dataset index and returns the dict of :func:`compute_retrieval_metrics` as float32 scalars:
     ``R@1``, ``R@2``, ..., ``MAP@R``, ``R-Precision``, ``NMI``, ``num_queries``, ``num_lone_queries``.
 
-    Memory: the embeddings, one ``(chunk, N_gallery)`` similarity block (torch backend) and ``(Q, k)``
-    neighbour lists with ``k = max(max K, largest class count)``; never ``N x N``.
+    Memory: the embeddings, one ``(chunk, N_gallery)`` float32 similarity block (256 MiB; torch backend, and the
+    faiss backend for the rare queries whose best relevant item is deeper than its short candidate list),
+    candidate lists of depth ``max(largest class count, min(max K, 32))`` and ``(Q, largest class count)`` ranks;
+    never ``N x N``.
     """
 
     is_differentiable = False

@@ -67,7 +67,7 @@ def test_backends_identical_on_heavy_duplicates_and_ties(chunk_size):
         query = base[torch.randint(0, len(base), (q,), generator=gen)]
         ref_ids = torch.randperm(n, generator=gen) + 100
         q_ids = torch.randint(90, n + 110, (q,), generator=gen)  # some in the reference, some not
-        for k in (1, 4, n - 1, n, n + 3):
+        for k in (1, 4, n - 1, n, n + 3, 1000):  # k > N: clamped to N, padded where own id is excluded
             if k < 1:
                 continue
             expected = brute_knn(query, ref, k, q_ids, ref_ids)

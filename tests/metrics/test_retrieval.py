@@ -218,3 +218,72 @@ def test_nmi_is_seeded_and_reproducible():
     a = compute_retrieval_metrics(emb, labels, nmi_seed=0, recall_ks=(), map_at_r=False, r_precision=False)
     b = compute_retrieval_metrics(emb, labels, nmi_seed=0, recall_ks=(), map_at_r=False, r_precision=False)
     assert a["NMI"] == b["NMI"]
+
+
+@pytest.mark.parametrize("list_depth", [1, 32])
+def test_backends_identical_with_ties_duplicates_and_deep_recall(monkeypatch, list_depth):
+    """Heavy exact ties, K up to 1000 > N: torch (list + similarity-block counting) == faiss == brute force."""
+    import ddtas_lightning.metrics.neighbors as neighbors_module
+    import ddtas_lightning.metrics.ranks as ranks_module
+
+    monkeypatch.setattr(neighbors_module, "_SIM_BLOCK_ELEMENTS", 1000)  # several similarity blocks per batch
+    # list_depth=1 sends almost every R@K through the deep (similarity-row counting) path of both backends
+    monkeypatch.setattr(ranks_module, "_LIST_DEPTH", list_depth)
+    ks = (1, 3, 10, 100, 1000)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(20, 200, (1,), generator=gen))
+        d = int(torch.randint(2, 24, (1,), generator=gen))
+        base = F.normalize(torch.randn(max(3, n // 4), d, generator=gen), dim=1)
+        emb = base[torch.randint(0, len(base), (n,), generator=gen)]  # many duplicated embeddings
+        labels = torch.randint(0, max(2, n // 5), (n,), generator=gen)
+        ids = torch.randperm(n, generator=gen)
+        roles = torch.randint(0, 3, (n,), generator=gen)
+        kwargs = dict(ids=ids, recall_ks=ks, nmi=False, normalize=False)
+        for split in (False, True):
+            if split:
+                kwargs.update(is_query=roles != 1, is_gallery=roles != 0)
+            results = [
+                compute_retrieval_metrics(emb, labels, backend=b, chunk_size=c, **kwargs)
+                for b, c in (("torch", None), ("torch", 7), ("faiss", None), ("faiss", 5))
+            ]
+            for other in results[1:]:
+                assert other == results[0], (seed, split)
+            order = torch.argsort(ids)
+            expected = brute_retrieval(
+                emb[order],
+                labels[order],
+                ids[order],
+                None if not split else (roles != 1)[order],
+                None if not split else (roles != 0)[order],
+                recall_ks=ks,
+            )
+            _assert_close(results[0], expected, keys=[f"R@{k}" for k in ks] + ["MAP@R", "R-Precision"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_n_by_n_tensor_is_ever_allocated(monkeypatch, backend):
+    """Record every tensor any aten op produces: the largest stays far below N x N (bounded by the chunk budget)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ddtas_lightning.metrics.neighbors as neighbors_module
+
+    monkeypatch.setattr(neighbors_module, "_SIM_BLOCK_ELEMENTS", 2**17)  # torch: 43-row similarity blocks
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    n, d = 3000, 16
+    emb, labels = _clustered(n, d, 600, 0.4, gen)
+    with LargestOutput():
+        out = compute_retrieval_metrics(emb, labels, recall_ks=(1, 10, 100), backend=backend, nmi=False)
+    assert 0 < out["R@1"] <= 1
+    assert LargestOutput.largest < n * n // 16, LargestOutput.largest
