@@ -22,7 +22,7 @@ NOT_FAST = {
     ("dataset", "gaussian_clusters"): "vectors; needs transform=none backbone=mlp; covered by tests/test_nspa_experiment.py",
     ("backbone", "mlp"): "vector backbone; covered by tests/models/test_mlp.py and tests/test_nspa_experiment.py",
     ("trainer", "gpu"): "needs a CUDA device",
-    ("trainer", "ddp"): "two processes; covered by the slow DDP tests",
+    ("trainer", "ddp"): "two processes; covered by tests/test_ddp_equivalence.py",
     ("dataset", "cub200"): "needs a dataset tree; covered in tests/data",
     ("dataset", "cars196"): "needs a dataset tree; covered in tests/data",
     ("dataset", "sop"): "needs a dataset tree; covered in tests/data",
