@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -54,3 +55,12 @@ def tiny_cfg(tmp_path, data_dir):
         return compose_train([*(TINY_DATA if tiny else []), *overrides], tmp_path, data_dir)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the 2-core CI machine runs tiny models: threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -84,12 +84,7 @@ EXPECTED.update(MMSI_EXPECTED)  # the MMSI recipes' protocol lives beside their 
 TRAIN_IMAGES = {"cub200": 5864, "cars196": 8054, "sop": 59551}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def compose(name: str, tmp_path: Path, *overrides: str):

@@ -23,12 +23,7 @@ MMSI = ["threshold_policy=mmsi", "data.meta_batch_size=4", "threshold_policy.war
 PAIR_WEIGHT = ["threshold_policy=pair_weight", "data.meta_batch_size=4", "data.meta_K=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fast_dev_run(tiny_cfg, *overrides):

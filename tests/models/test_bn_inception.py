@@ -15,12 +15,7 @@ from ddtas_lightning.models.bn_inception import INCEPTION_BLOCKS, BNInception
 TRUNK_PARAMETERS = 10_270_240
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cadene_state_dict(model: BNInception) -> dict[str, torch.Tensor]:
