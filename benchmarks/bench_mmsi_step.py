@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_meta_step import make_step, peak_memory_mib  # noqa: E402
+from bench_meta_step import make_step, measure_steps, print_ratio_table  # noqa: E402
 
 from ddtas_lightning.losses import MultiSimilarityLoss  # noqa: E402
 from ddtas_lightning.miners.ms import MultiSimilarityMiner  # noqa: E402
@@ -87,24 +85,8 @@ def main() -> int:
             full_memory(policy, dim, device)
         steps[name] = make_step(policy, model, loss_fn, miner, batch, opt)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    skipped: dict[str, int] = {name: 0 for name in steps}
-    for r in range(args.warmup + args.repeats):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            out = step()
-            sync()
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-                skipped[name] += int(out.skip_update)
-    memory: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.memory_repeats):
-        for name, step in steps.items():
-            m = peak_memory_mib(step, device)
-            if m is not None:
-                memory[name].append(m)
+    times, memory, outputs = measure_steps(steps, device, args.warmup, args.repeats, args.memory_repeats)
+    skipped = {name: sum(int(out.skip_update) for out in outs) for name, outs in outputs.items()}
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device={device} threads={torch.get_num_threads()} (cpus {os.cpu_count()}, load {load:.1f}) "
@@ -112,15 +94,7 @@ def main() -> int:
           f"mmsi: meta 10x1 vs memory 100x20; pair_weight: meta 5x2; repeats={args.repeats} warmup={args.warmup}")
     mem_kind = "CUDA max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (VmHWM - VmRSS)"
     print(f"memory: {mem_kind}, median of {args.memory_repeats}")
-    base_med, base_min = statistics.median(times["static"]), min(times["static"])
-    base_mem = statistics.median(memory["static"]) if memory["static"] else None
-    print(f"{'variant':<20}{'median s':>10}{'min s':>9}{'x static':>10}{'x (min)':>9}{'peak MiB':>10}{'x static':>10}")
-    for name in steps:
-        med, mn = statistics.median(times[name]), min(times[name])
-        mem = statistics.median(memory[name]) if memory[name] else None
-        mem_s = f"{mem:10.1f}" if mem is not None else f"{'n/a':>10}"
-        mem_r = f"{mem / base_mem:10.2f}" if mem is not None and base_mem else f"{'n/a':>10}"
-        print(f"{name:<20}{med:10.3f}{mn:9.3f}{med / base_med:10.2f}{mn / base_min:9.2f}{mem_s}{mem_r}")
+    print_ratio_table(times, memory, width=20)
     if any(skipped[n] for n in steps if n != "static"):  # a skipped step would not measure the meta work
         print("WARNING: skipped meta steps (no positive weight): " + str(skipped))
         return 1
