@@ -101,6 +101,47 @@ def compute_retrieval_metrics(
     metrics).
     """
     recall_ks = _check_recall_ks(recall_ks)
+    items = _prepare_items(embeddings, labels, ids, is_query, is_gallery, backend, normalize)
+    out: dict[str, float] = {}
+    num_eval = int(items.not_lone.sum())
+    hits = dict.fromkeys(recall_ks, 0)
+    rp_sum = map_sum = 0.0
+    if bool(recall_ks) or map_at_r or r_precision:
+        for _, r_rows, ranks, first, depth in _relevant_ranks(
+            items, max(recall_ks, default=0), map_at_r or r_precision, backend, chunk_size
+        ):
+            for kk in recall_ks:
+                hits[kk] += int((first <= kk).sum())
+            within = ranks <= r_rows[:, None]  # ranks are increasing along a row
+            if r_precision:
+                rp_sum += float((within.sum(dim=1).double() / r_rows).sum())
+            if map_at_r:
+                map_sum += float(_average_precision_at_r(ranks, r_rows, depth).sum())
+    emb, q_pos, q_labels = items.emb, items.q_pos, items.q_labels
+    nan = float("nan")
+    for kk in recall_ks:
+        out[f"R@{kk}"] = hits[kk] / num_eval if num_eval else nan
+    if map_at_r:
+        out["MAP@R"] = map_sum / num_eval if num_eval else nan
+    if r_precision:
+        out["R-Precision"] = rp_sum / num_eval if num_eval else nan
+    if nmi:
+        q_emb = emb if len(q_pos) == len(emb) else emb[q_pos]
+        out["NMI"] = clustering_nmi(q_emb, q_labels, seed=nmi_seed, niter=nmi_niter)
+    out["num_queries"] = float(len(q_pos))
+    out["num_lone_queries"] = float(len(q_pos) - num_eval)
+    return out
+
+
+class _Items:
+    """Evaluation items after de-duplication by id, normalisation and role split (see
+    :func:`compute_retrieval_metrics`); ``r`` is each query's number of relevant gallery items."""
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+def _prepare_items(embeddings, labels, ids, is_query, is_gallery, backend, normalize) -> _Items:
     check_choice("backend", backend, BACKENDS)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D, got shape {tuple(embeddings.shape)}")
@@ -153,52 +194,78 @@ def compute_retrieval_metrics(
     else:
         r = torch.zeros_like(q_labels)
     r = r - is_gallery[q_pos].long()
-    not_lone = r > 0
-    num_eval = int(not_lone.sum())
-    out: dict[str, float] = {}
+    return _Items(emb=emb, ids=ids, q_pos=q_pos, q_labels=q_labels, q_ids=q_ids, g_pos=g_pos, g_emb=g_emb,
+                  g_labels=g_labels, g_ids=g_ids, r=r, not_lone=r > 0)
 
-    want_knn = bool(recall_ks) or map_at_r or r_precision
-    hits = dict.fromkeys(recall_ks, 0)
-    rp_sum = map_sum = 0.0
-    if want_knn and num_eval > 0:
-        eval_rows = not_lone.nonzero().squeeze(1)
-        # ranks <= R decide MAP@R and R-Precision; the best relevant item's rank (up to max K) decides R@K
-        depth = int(r[eval_rows].max()) if (map_at_r or r_precision) else 0
-        first_depth = max(recall_ks, default=0)
-        index = KNNIndex(g_emb, backend=backend, reference_ids=g_ids, chunk_size=chunk_size)
-        ranker = RelevantRanker(index, g_labels)
-        block = max(1, _OUTPUT_BLOCK_ELEMENTS // max(depth, first_depth, 1))
-        for start in range(0, num_eval, block):
-            rows = eval_rows[start : start + block]
-            item_rows = q_pos[rows]
-            contiguous = len(item_rows) == int(item_rows[-1] - item_rows[0]) + 1  # a slice: no copy
-            q_emb = emb[int(item_rows[0]) : int(item_rows[-1]) + 1] if contiguous else emb[item_rows]
-            ranks, first = ranker.ranks(
-                q_emb, q_labels[rows], q_ids[rows], depth=depth, first_depth=first_depth
-            )
-            for kk in recall_ks:
-                hits[kk] += int((first <= kk).sum())
-            r_rows = r[rows]
-            within = ranks <= r_rows[:, None]  # ranks are increasing along a row
-            if r_precision:
-                rp_sum += float((within.sum(dim=1).double() / r_rows).sum())
-            if map_at_r:
-                # the j-th relevant item at rank rho_j <= R contributes P(rho_j) = j / rho_j
-                j = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
-                prec = torch.where(within, j / ranks.double(), 0.0)
-                map_sum += float((prec.sum(dim=1) / r_rows).sum())
-    nan = float("nan")
-    for kk in recall_ks:
-        out[f"R@{kk}"] = hits[kk] / num_eval if num_eval else nan
-    if map_at_r:
-        out["MAP@R"] = map_sum / num_eval if num_eval else nan
-    if r_precision:
-        out["R-Precision"] = rp_sum / num_eval if num_eval else nan
-    if nmi:
-        q_emb = emb if len(q_pos) == len(emb) else emb[q_pos]
-        out["NMI"] = clustering_nmi(q_emb, q_labels, seed=nmi_seed, niter=nmi_niter)
-    out["num_queries"] = float(len(q_pos))
-    out["num_lone_queries"] = float(len(q_pos) - num_eval)
+
+def _relevant_ranks(items: _Items, first_depth: int, need_r_ranks: bool, backend, chunk_size):
+    """Blocks of the non-lone queries: ``(rows, R, ranks, first, depth)`` with ``rows`` positions in
+    ``items.q_pos``, the exact ranks ``<= depth`` of their relevant items (``depth`` = max R when
+    ``need_r_ranks``, else 0) and the rank of the best one up to ``first_depth``."""
+    eval_rows = items.not_lone.nonzero().squeeze(1)
+    if len(eval_rows) == 0:
+        return
+    r, emb, q_pos = items.r, items.emb, items.q_pos
+    # ranks <= R decide MAP@R and R-Precision; the best relevant item's rank (up to max K) decides R@K
+    depth = int(r[eval_rows].max()) if need_r_ranks else 0
+    index = KNNIndex(items.g_emb, backend=backend, reference_ids=items.g_ids, chunk_size=chunk_size)
+    ranker = RelevantRanker(index, items.g_labels)
+    block = max(1, _OUTPUT_BLOCK_ELEMENTS // max(depth, first_depth, 1))
+    for start in range(0, len(eval_rows), block):
+        rows = eval_rows[start : start + block]
+        item_rows = q_pos[rows]
+        contiguous = len(item_rows) == int(item_rows[-1] - item_rows[0]) + 1  # a slice: no copy
+        q_emb = emb[int(item_rows[0]) : int(item_rows[-1]) + 1] if contiguous else emb[item_rows]
+        ranks, first = ranker.ranks(
+            q_emb, items.q_labels[rows], items.q_ids[rows], depth=depth, first_depth=first_depth
+        )
+        yield rows, r[rows], ranks, first, depth
+
+
+def _average_precision_at_r(ranks: Tensor, r_rows: Tensor, depth: int) -> Tensor:
+    """Per query ``AP@R = (1/R) sum_{j: rho_j <= R} j / rho_j`` (the j-th relevant item at rank rho_j), float64."""
+    within = ranks <= r_rows[:, None]
+    j = torch.arange(1, depth + 1, device=ranks.device, dtype=torch.float64)
+    prec = torch.where(within, j / ranks.double(), 0.0)
+    return prec.sum(dim=1) / r_rows
+
+
+def per_query_metrics(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    ids: Tensor | None = None,
+    is_query: Tensor | None = None,
+    is_gallery: Tensor | None = None,
+    backend: Backend = "torch",
+    chunk_size: int | None = None,
+    normalize: bool = True,
+) -> dict[str, Tensor]:
+    """R@1 and AP@R of every non-lone query (the terms whose means are ``R@1`` and ``MAP@R`` of
+    :func:`compute_retrieval_metrics`, from the same exact ranks).
+
+    Returns (Q',) tensors for the Q' queries with ``R >= 1``, by increasing dataset index: ``ids``,
+    ``labels``, ``R``, ``R@1`` (1.0 / 0.0) and ``MAP@R`` (float64).
+    """
+    items = _prepare_items(embeddings, labels, ids, is_query, is_gallery, backend, normalize)
+    parts = [(rows, (first <= 1).double(), _average_precision_at_r(ranks, r_rows, depth))
+             for rows, r_rows, ranks, first, depth in _relevant_ranks(items, 1, True, backend, chunk_size)]
+    device = items.emb.device
+    rows = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    hit = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    ap = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    return {"ids": items.q_ids[rows], "labels": items.q_labels[rows], "R": items.r[rows], "R@1": hit, "MAP@R": ap}
+
+
+def per_class_metrics(per_query: dict[str, Tensor]) -> dict[int, dict[str, float]]:
+    """Mean R@1 and MAP@R over each class's (non-lone) queries: ``{label: {"R@1", "MAP@R", "num_queries"}}``."""
+    out: dict[int, dict[str, float]] = {}
+    labels = per_query["labels"].cpu()
+    uniq, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    for name in ("R@1", "MAP@R"):
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, per_query[name].cpu().double())
+        for c, s, n in zip(uniq.tolist(), sums.tolist(), counts.tolist()):
+            out.setdefault(int(c), {"num_queries": float(n)})[name] = s / n
     return out
 
 
@@ -307,4 +374,11 @@ class RetrievalMetrics(Metric):
         }
 
 
-__all__ = ["DEFAULT_RECALL_KS", "RetrievalMetrics", "compute_retrieval_metrics", "deduplicate_by_index"]
+__all__ = [
+    "DEFAULT_RECALL_KS",
+    "RetrievalMetrics",
+    "compute_retrieval_metrics",
+    "deduplicate_by_index",
+    "per_class_metrics",
+    "per_query_metrics",
+]
