@@ -37,16 +37,22 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
 
-# NSPA study (issue 6): 4 negative-selection strategies x 5 seeds on gaussian_clusters, then mean +- std.
+# NSPA study (issue 6): 4 negative-selection strategies x 5 seeds on gaussian_clusters, then mean +- std,
+# in two settings: unit-norm embeddings with a plain-L2 triplet loss (experiment=nspa_gaussian_clusters) and
+# the paper's own, un-normalised ReLU embeddings with a squared-L2 triplet loss (nspa_gaussian_clusters_raw).
 NSPA_DIR ?= multirun/nspa_gaussian_clusters/study
+NSPA_RAW_DIR ?= multirun/nspa_gaussian_clusters_raw/study
+NSPA_MINERS := miner=nspa_hardest,nspa_random_hard,nspa_semi_hard,nspa seed=0,1,2,3,4
 .PHONY: nspa
 nspa: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters \
-		miner=nspa_hardest,nspa_random_hard,nspa_semi_hard,nspa seed=0,1,2,3,4 \
+	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters $(NSPA_MINERS) \
 		hydra.sweep.dir=$(NSPA_DIR) $(ARGS)
-	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR)
-	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR) --split untrained
-	$(PY) -m ddtas_lightning.nspa_report $(NSPA_DIR) --split heldout
+	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters_raw $(NSPA_MINERS) \
+		hydra.sweep.dir=$(NSPA_RAW_DIR) $(ARGS)
+	@for d in $(NSPA_DIR) $(NSPA_RAW_DIR); do \
+		$(PY) -m ddtas_lightning.nspa_report $$d && \
+		$(PY) -m ddtas_lightning.nspa_report $$d --split untrained && \
+		$(PY) -m ddtas_lightning.nspa_report $$d --split heldout || exit 1; done
 
 # Static grid vs learned thresholds (issue 7): `make sweep && make compare`. The sweep runs every arm of
 # conf/experiment/threshold_grid.yaml x 3 seeds into multirun/threshold_grid/<date>_<time>/; compare reads

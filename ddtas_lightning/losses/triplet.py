@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ddtas_lightning.losses.base import MetricLoss, upcast
-from ddtas_lightning.miners.selection import DISTANCES, PairSelection, enumerate_triplets, sim_to_distance
+from ddtas_lightning.miners.selection import DISTANCES, PairSelection, distance_from_dots, enumerate_triplets
 from ddtas_lightning.validation import ConfigError, check_choice
 
 
@@ -16,7 +16,9 @@ class TripletMarginLoss(MetricLoss):
 
     ``distance``: ``cosine`` (``1 - S``) or ``euclidean`` (``sqrt(2 - 2S)``, the L2 distance of the
     normalised embeddings, with a NaN-free gradient at duplicates); ``squared=True`` uses
-    ``2 - 2S`` (the squared L2 distance, the NSPA author's Keras loss). ``threshold`` is the margin
+    ``2 - 2S`` (the squared L2 distance, the NSPA author's Keras loss). With ``selection.self_gram`` (set by
+    the triplet miners for a batch against itself) the distances are those of raw (un-normalised)
+    embeddings, the squared norms read off the diagonal of S: ``S_aa + S_bb - 2 S_ab`` (and its root). ``threshold`` is the margin
     (default 0.2). A (2,) threshold (m_pos, m_neg) is read as the margin split into a pull and a push
     part: ``relu((d(a,p) + m_pos) - (d(a,n) - m_neg))``, i.e. margin = m_pos + m_neg.
 
@@ -34,10 +36,9 @@ class TripletMarginLoss(MetricLoss):
         self.distance = distance
         self.squared = bool(squared)
 
-    def pair_distance(self, s: Tensor) -> Tensor:
-        if self.squared:
-            return (2.0 - 2.0 * s).clamp(min=0.0)
-        return sim_to_distance(s, self.distance)
+    def pair_distance(self, s: Tensor, sq_a: Tensor | None = None, sq_b: Tensor | None = None) -> Tensor:
+        """Distance of pairs from their dot products (and squared norms, for raw embeddings)."""
+        return distance_from_dots(s, self.distance, squared=self.squared, sq_norm_a=sq_a, sq_norm_b=sq_b)
 
     def forward(
         self,
@@ -54,8 +55,12 @@ class TripletMarginLoss(MetricLoss):
             a, p, n = selection.triplets
         else:
             a, p, n = enumerate_triplets(selection.pos_mask, selection.neg_mask)
-        d_ap = self.pair_distance(s[a, p])
-        d_an = self.pair_distance(s[a, n])
+        if selection.self_gram:
+            sq = s.diagonal()  # raw embeddings: ||e_i||^2 = S_ii, with its gradient
+            d_ap = self.pair_distance(s[a, p], sq[a], sq[p])
+            d_an = self.pair_distance(s[a, n], sq[a], sq[n])
+        else:  # unit vectors
+            d_ap, d_an = self.pair_distance(s[a, p]), self.pair_distance(s[a, n])
         losses = torch.relu(d_ap - d_an + margin)
         num_active = (losses > 0).sum()
         if weights is not None:

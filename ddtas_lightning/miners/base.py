@@ -13,6 +13,7 @@ from ddtas_lightning.miners.selection import (
     candidate_masks,
     label_masks,
     random_choice_per_row,
+    gram_sq_norms,
     sim_to_distance,
     triplet_selection,
 )
@@ -109,7 +110,8 @@ class TripletMiner(BaseMiner):
         generator: torch.Generator | None,
     ) -> PairSelection:
         pos, neg = label_masks(labels, ref_labels)
-        dist = sim_to_distance(sim, self.distance)
+        norms = gram_sq_norms(sim, ref_labels)  # exact for raw embeddings too
+        dist = sim_to_distance(sim, self.distance, sq_norms=norms)
         a, p = anchor_positive_pairs(pos)
         delta = dist[a] - dist[a, p][:, None]  # d(a, n) - d(a, p), (pairs, M)
         cand = self.candidates(delta, neg[a])
@@ -120,7 +122,7 @@ class TripletMiner(BaseMiner):
             n, ok = random_choice_per_row(cand, generator)
             a, p, n = a[ok], p[ok], n[ok]
         margin = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
-        return triplet_selection(a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin})
+        return triplet_selection(a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin}, sq_norms=norms)
 
 
 class PairMiner(BaseMiner):

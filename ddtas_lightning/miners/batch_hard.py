@@ -10,6 +10,7 @@ from ddtas_lightning.miners.selection import (
     DISTANCES,
     PairSelection,
     label_masks,
+    gram_sq_norms,
     sim_to_distance,
     triplet_selection,
 )
@@ -42,7 +43,8 @@ class BatchHardMiner(BaseMiner):
         generator: torch.Generator | None,
     ) -> PairSelection:
         pos, neg = label_masks(labels, ref_labels)
-        dist = sim_to_distance(sim, self.distance)
+        norms = gram_sq_norms(sim, ref_labels)  # exact for raw embeddings too
+        dist = sim_to_distance(sim, self.distance, sq_norms=norms)
         inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
         d_ap, p = torch.where(pos, dist, -inf).max(dim=1)
         d_an, n = torch.where(neg, dist, inf).min(dim=1)
@@ -52,4 +54,4 @@ class BatchHardMiner(BaseMiner):
             keep &= d_an - d_ap < self.margin
             thresholds["margin"] = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
         a = keep.nonzero(as_tuple=True)[0]
-        return triplet_selection(a, p[a], n[a], sim.shape[0], sim.shape[1], thresholds=thresholds)
+        return triplet_selection(a, p[a], n[a], sim.shape[0], sim.shape[1], thresholds=thresholds, sq_norms=norms)

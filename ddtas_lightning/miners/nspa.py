@@ -21,6 +21,7 @@ from ddtas_lightning.miners.selection import (
     anchor_positive_pairs,
     label_masks,
     random_choice_per_row,
+    gram_sq_norms,
     sim_to_distance,
     triplet_selection,
     uniform_like,
@@ -197,7 +198,8 @@ class NSPAMiner(BaseMiner):
         generator: torch.Generator | None,
     ) -> PairSelection:
         pos, neg = label_masks(labels, ref_labels)
-        dist = sim_to_distance(sim, self.distance)
+        norms = gram_sq_norms(sim, ref_labels)  # exact for raw embeddings too
+        dist = sim_to_distance(sim, self.distance, sq_norms=norms)
         a, p, n, _, stats = nspa_select(
             dist,
             pos,
@@ -211,5 +213,5 @@ class NSPAMiner(BaseMiner):
         )
         margin = torch.tensor(self.margin, dtype=sim.dtype, device=sim.device)
         return triplet_selection(
-            a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin}, stats=stats
+            a, p, n, sim.shape[0], sim.shape[1], thresholds={"margin": margin}, stats=stats, sq_norms=norms
         )

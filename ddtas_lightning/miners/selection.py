@@ -38,6 +38,9 @@ class PairSelection:
         ``anchors_without_pairs``, ...).
     triplets: optional ``(anchor, positive, negative)`` index tensors for triplet miners; pair losses
         ignore it, triplet losses use it instead of enumerating all triplets from the masks.
+    self_gram: the miner measured distances with the squared norms on the diagonal of S (a batch
+        against itself, :func:`gram_sq_norms`), so they are exact for raw (un-normalised) embeddings;
+        a distance-based loss then reads the norms off the diagonal of its S too. False: unit vectors.
     """
 
     pos_mask: Tensor
@@ -45,6 +48,7 @@ class PairSelection:
     thresholds: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     triplets: tuple[Tensor, Tensor, Tensor] | None = None
+    self_gram: bool = False
 
     @property
     def valid_anchors(self) -> Tensor:
@@ -126,20 +130,78 @@ def candidate_masks(
     return same & (sim < self_threshold), ~same
 
 
-def sim_to_distance(sim: Tensor, distance: str) -> Tensor:
-    """Distance from the cosine similarity of L2-normalised embeddings.
+def sim_to_distance(
+    sim: Tensor,
+    distance: str,
+    *,
+    squared: bool = False,
+    sq_norms: Tensor | None = None,
+    ref_sq_norms: Tensor | None = None,
+) -> Tensor:
+    """Distances from a matrix of dot products ``S = E R^T`` (B x M).
 
-    ``cosine``: ``1 - S``. ``euclidean``: ``||a - b|| = sqrt(max(2 - 2S, 0))``; the square root is
-    taken through a safe ``where`` so that duplicates (``S = 1``) give distance 0 with a zero
-    (not NaN) gradient.
+    Without ``sq_norms`` the embeddings are taken to be unit vectors (``||a||^2 = 1``). With
+    ``sq_norms`` (B,) = ``||a_i||^2`` and ``ref_sq_norms`` (M,) = ``||r_j||^2`` (default: ``sq_norms``)
+    the distances are exact for raw (un-normalised) embeddings too, as the Gram identity
+    ``||a - r||^2 = ||a||^2 + ||r||^2 - 2 a.r`` gives:
+
+    ``euclidean``: ``||a - r||`` (``squared=True``: ``||a - r||^2``); the square root is taken through a
+    safe ``where``, so duplicates give distance 0 with a zero (not NaN) gradient.
+    ``cosine``: ``1 - a.r / (||a|| ||r||)`` (``1 - S`` for unit vectors).
+
+    For a batch against itself, :func:`gram_sq_norms` reads the squared norms off the diagonal of S.
     """
+    if sq_norms is None:
+        na = nb = None
+    else:
+        na = sq_norms[:, None]
+        nb = (sq_norms if ref_sq_norms is None else ref_sq_norms)[None, :]
+    return distance_from_dots(sim, distance, squared=squared, sq_norm_a=na, sq_norm_b=nb)
+
+
+def distance_from_dots(
+    dots: Tensor,
+    distance: str,
+    *,
+    squared: bool = False,
+    sq_norm_a: Tensor | None = None,
+    sq_norm_b: Tensor | None = None,
+) -> Tensor:
+    """Element-wise :func:`sim_to_distance`: ``dots``, ``sq_norm_a`` and ``sq_norm_b`` broadcast together
+    (``None`` norms: unit vectors)."""
+    if squared and distance != "euclidean":
+        raise ValueError(f"squared distances need distance='euclidean', got {distance!r}")
     if distance == "cosine":
-        return 1.0 - sim
+        if sq_norm_a is None:
+            return 1.0 - dots
+        denom = (sq_norm_a * sq_norm_b).clamp(min=torch.finfo(dots.dtype).tiny).sqrt()
+        return 1.0 - dots / denom
     if distance == "euclidean":
-        sq = (2.0 - 2.0 * sim).clamp(min=0.0)
+        if sq_norm_a is None:
+            sq = (2.0 - 2.0 * dots).clamp(min=0.0)
+        else:
+            sq = (sq_norm_a + sq_norm_b - 2.0 * dots).clamp(min=0.0)
+        if squared:
+            return sq
         pos = sq > 0
         return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
     raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+UNIT_NORM_TOL = 1e-5  # |S_ii - 1| below this for every i: the batch is taken as unit vectors
+
+
+def gram_sq_norms(sim: Tensor, ref_labels: Tensor | None) -> Tensor | None:
+    """The squared norms ``||e_i||^2 = S_ii`` of a batch compared with itself (``ref_labels=None``, so
+    ``S = E E^T`` is a Gram matrix), for raw (un-normalised) embeddings; ``None`` when every norm is 1
+    (to ``UNIT_NORM_TOL``: L2-normalised embeddings keep the unit-vector formulas, bit for bit) or when
+    the candidates are not the anchors (a memory), whose norms S does not hold: those must be unit vectors."""
+    if ref_labels is not None or sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        return None
+    diag = sim.diagonal()
+    if bool(((diag - 1.0).abs() <= UNIT_NORM_TOL).all()):
+        return None
+    return diag
 
 
 def anchor_positive_pairs(pos: Tensor, unordered: bool = False) -> tuple[Tensor, Tensor]:
@@ -198,8 +260,10 @@ def triplet_selection(
     num_candidates: int,
     thresholds: dict[str, Tensor] | None = None,
     stats: dict[str, Tensor] | None = None,
+    sq_norms: Tensor | None = None,
 ) -> PairSelection:
-    """A :class:`PairSelection` holding triplets, with the pair masks they imply (for pair losses)."""
+    """A :class:`PairSelection` holding triplets, with the pair masks they imply (for pair losses).
+    ``sq_norms``: the batch's squared norms when the candidates are the batch itself (raw embeddings)."""
     pos = torch.zeros(num_anchors, num_candidates, dtype=torch.bool, device=a.device)
     neg = torch.zeros_like(pos)
     pos[a, p] = True
@@ -207,4 +271,5 @@ def triplet_selection(
     all_stats = basic_stats(pos, neg)
     all_stats["triplets"] = torch.tensor(a.numel(), device=a.device)
     all_stats.update(stats or {})
-    return PairSelection(pos, neg, thresholds=thresholds or {}, stats=all_stats, triplets=(a, p, n))
+    return PairSelection(pos, neg, thresholds=thresholds or {}, stats=all_stats, triplets=(a, p, n),
+                         self_gram=sq_norms is not None)

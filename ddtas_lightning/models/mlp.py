@@ -19,6 +19,8 @@ class MLPEmbedder(nn.Module):
 
     hidden: widths of the hidden Linear + ReLU layers (empty: a single linear map). batch_norm: a
     BatchNorm1d after each hidden Linear. normalize: L2-normalise the output (default, as Embedder).
+    relu_output: a ReLU on the embedding (the NSPA author's ``Dense(encodings_len, relu)`` head; with
+    ``normalize=False`` the embeddings are raw non-negative vectors, the paper's setting).
     model_name: only a label (train.py records ``backbone.model_name`` in metrics.json).
     """
 
@@ -30,6 +32,7 @@ class MLPEmbedder(nn.Module):
         batch_norm: bool = False,
         normalize: bool = True,
         model_name: str = "mlp",
+        relu_output: bool = False,
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
@@ -47,6 +50,7 @@ class MLPEmbedder(nn.Module):
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, int(dim))
+        self.relu_output = bool(relu_output)
         self.in_dim, self.dim, self.normalize, self.model_name = (
             int(in_dim),
             int(dim),
@@ -61,4 +65,6 @@ class MLPEmbedder(nn.Module):
                 f"MLPEmbedder expects {self.in_dim} input features, got {x.shape[1]} (set backbone.in_dim)"
             )
         x = self.head(self.body(x))
+        if self.relu_output:
+            x = F.relu(x)
         return F.normalize(x, dim=1) if self.normalize else x
