@@ -11,9 +11,9 @@ from ddtas_lightning.miners.selection import (
     PairSelection,
     anchor_positive_pairs,
     candidate_masks,
+    gram_sq_norms,
     label_masks,
     random_choice_per_row,
-    gram_sq_norms,
     sim_to_distance,
     triplet_selection,
 )

@@ -9,8 +9,8 @@ from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import (
     DISTANCES,
     PairSelection,
-    label_masks,
     gram_sq_norms,
+    label_masks,
     sim_to_distance,
     triplet_selection,
 )
