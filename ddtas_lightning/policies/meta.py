@@ -41,6 +41,7 @@ from ddtas_lightning.policies.base import (
     StepBatch,
     StepOutput,
     ThresholdPolicy,
+    embed_and_mine,
     global_embeddings,
     global_similarities_with_tangent,
     similarities,
@@ -56,7 +57,7 @@ from ddtas_lightning.policies.virtual_step import (
     tangent_meta_gradient,
     virtual_sgd_step,
 )
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.validation import as_int, check_choice
 
 GRANULARITIES = ("scalar", "pos_neg")
 MODES = ("exact", "jvp")
@@ -88,6 +89,12 @@ class MetaThreshold(ThresholdPolicy):
         through the train graph (scalar) or one forward-mode pass (pos_neg): no double backward,
         less time and memory; ``"double_backward"``: ``create_graph`` through the virtual step (the
         literal form; the reference).
+    every: amortisation: the meta gradient (and lambda update) only on steps whose
+        ``batch.global_step`` is a multiple of ``every``; in between lambda is held and the step is a
+        static one at the current lambda (embed, mine, loss: a static step's cost), logged with
+        ``meta/held`` = 1. ``every=1`` (default): every step is a meta step, as in the paper. The
+        schedule follows the optimiser's step count, which checkpoints restore, so a run resumed
+        mid-period holds and updates exactly where the uninterrupted run would.
 
     theta = the model's trainable parameters (``requires_grad``); a loss with parameters of its own
     would be outside the virtual step (none of the current losses has any). The threshold learns only
@@ -125,6 +132,7 @@ class MetaThreshold(ThresholdPolicy):
         meta_threshold: float | Sequence[float] | None = None,
         jvp_reuse_forward: bool = True,
         exact_impl: str = "identity",
+        every: int = 1,
     ) -> None:
         super().__init__()
         check_choice("threshold_policy.granularity", granularity, GRANULARITIES)
@@ -143,6 +151,7 @@ class MetaThreshold(ThresholdPolicy):
         self.min, self.max = float(min), float(max)
         self.jvp_reuse_forward = bool(jvp_reuse_forward)
         self.exact_impl = exact_impl
+        self.every = as_int("threshold_policy.every", every, minimum=1)
         shape = () if granularity == "scalar" else (2,)
         self.register_buffer("lam", torch.zeros(shape))
         self.register_buffer("meta_lam", torch.zeros(shape))
@@ -233,6 +242,8 @@ class MetaThreshold(ThresholdPolicy):
             if not bool(self.initialized):
                 self._initialize(loss_fn.threshold)
             self._known_initialized = True
+        if self.every > 1 and batch.global_step % self.every:
+            return self._held_step(loss_fn, miner, model, batch)
         fm = FunctionalModel(model)
         meta_selection = PairSelection.all_pairs(batch.meta_labels)
 
@@ -287,9 +298,23 @@ class MetaThreshold(ThresholdPolicy):
         loss = loss_fn(sim, selection, threshold=self.lam.detach().to(sim.dtype))
         return StepOutput(loss=loss, selection=selection, logs=self._logs(meta.meta_loss, grad, applied))
 
+    def _held_step(self, loss_fn: MetricLoss, miner: BaseMiner, model: nn.Module, batch: StepBatch) -> StepOutput:
+        """A step between two meta steps (``every > 1``): a static step at the held lambda."""
+        sim, selection = embed_and_mine(model, miner, batch)
+        loss = loss_fn(sim, selection, threshold=self.lam.detach().to(sim.dtype))
+        lam = self.lam.detach()
+        logs = {"meta/held": torch.ones((), device=lam.device)}
+        if self.granularity == "scalar":
+            logs["train/lambda"] = lam.clone()
+        else:
+            logs.update({"train/lambda_pos": lam[0].clone(), "train/lambda_neg": lam[1].clone()})
+        return StepOutput(loss=loss, selection=selection, logs=logs)
+
     def _logs(self, meta_loss: Tensor, grad: Tensor, applied: Tensor) -> dict[str, Tensor]:
         lam, grad = self.lam.detach(), grad.detach()
         logs = {"meta/loss": meta_loss.detach(), "meta/skipped": (~applied).float()}
+        if self.every > 1:
+            logs["meta/held"] = torch.zeros((), device=lam.device)
         if self.granularity == "scalar":
             logs["train/lambda"] = lam.clone()
             logs["meta/grad_lambda"] = grad
@@ -303,7 +328,7 @@ class MetaThreshold(ThresholdPolicy):
     def extra_repr(self) -> str:
         return (
             f"granularity={self.granularity}, mode={self.mode}, inner_lr={self.inner_lr}, lr={self.lr}, "
-            f"step_rule={self.step_rule}, min={self.min}, max={self.max}"
+            f"step_rule={self.step_rule}, min={self.min}, max={self.max}, every={self.every}"
         )
 
 
