@@ -113,6 +113,7 @@ class DMLModule(pl.LightningModule):
             self.nonfinite_in_a_row.zero_()
         elif finite:
             opt.step()
+            self.policy.after_optimizer_step(getattr(opt, "optimizer", opt))  # LightningOptimizer wraps it
             self.nonfinite_in_a_row.zero_()
         else:
             restore_buffers(before)  # weights are untouched (no optimiser step), so all is as before

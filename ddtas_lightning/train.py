@@ -22,7 +22,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
+from ddtas_lightning.checkpoint_compat import check_checkpoint_compat, config_for_checkpoint
+from ddtas_lightning.evaluate import per_class_json, run_evaluation
+from ddtas_lightning.run_output import progress_options, show_config
 from ddtas_lightning.checkpointing import with_atomic_checkpoint_io
 from ddtas_lightning.data.datamodule import DMLDataModule, check_batch_shape
 from ddtas_lightning.data.image_dataset import BAD_IMAGE_MODES
@@ -110,7 +112,8 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         loss=instantiate(cfg.loss),
         miner=instantiate(cfg.miner),
         policy=policy,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=instantiate(optimizer_without_loss_lr(cfg.optimizer)),
+        loss_lr=cfg.optimizer.get("loss_lr"),
         scheduler=scheduler,
         recall_ks=tuple(cfg.metrics.recall_ks),
         knn_backend=cfg.metrics.knn_backend,
@@ -120,7 +123,14 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         meta_batch_size=int(cfg.data.meta_batch_size) if policy.needs_meta_batch else 0,
         seed=int(cfg.seed),
     )
+    module.run_config = config_for_checkpoint(cfg)  # evaluate.py rebuilds the model from it
     return datamodule, module
+
+
+def optimizer_without_loss_lr(node: DictConfig) -> DictConfig:
+    """``optimizer`` minus ``loss_lr`` (the learning rate of the loss's own parameters, a key of ours)."""
+    node = OmegaConf.masked_copy(node, [k for k in node if k != "loss_lr"]) if "loss_lr" in node else node
+    return node
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -129,7 +139,9 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     # Checkpoint files are written atomically (a kill mid-save keeps the previous last.ckpt), unless
     # the trainer config chooses its own CheckpointIO plugin.
     plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins")))
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins)
+    # Output that is not a terminal (a log file, SLURM) gets one progress line per N steps, not bar frames.
+    progress = progress_options(cfg.trainer, callbacks)
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, **progress)
 
 
 def resolve_ckpt(cfg: DictConfig, output_dir: Path, module: pl.LightningModule | None = None) -> str | None:
@@ -162,6 +174,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    show_config(cfg, output_dir)  # the composed config as a tree, printed and saved (config_tree.yaml)
     datamodule, module = build(cfg)
     ckpt_path = resolve_ckpt(cfg, output_dir, module)  # before any work: a bad checkpoint fails fast
     trainer = build_trainer(cfg)
@@ -186,7 +199,8 @@ def train(cfg: DictConfig) -> float:
         results["best_val_R@1"] = results["val"].get("val/R@1", float("nan"))
     if cfg.test_after_training:
         ckpt = best if best else None
-        results["test"] = _floats(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
+        final = run_evaluation(trainer, module, datamodule, ckpt_path=ckpt)  # the code evaluate.py runs
+        results["test"], results["test_per_class"] = final.metrics, per_class_json(final.per_class)
         results["best_checkpoint"] = best
     results["global_steps"] = int(trainer.global_step)
     results["nonfinite_skipped"] = int(module.nonfinite_total)
@@ -214,6 +228,7 @@ def write_metrics(output_dir: Path, cfg: DictConfig, results: dict) -> Path:
             "threshold_policy": cfg.threshold_policy._target_.rsplit(".", 1)[-1],
         },
         "loss_threshold": cfg.loss.get("threshold"),
+        "tags": list(cfg.get("tags") or []),
     }
     path = output_dir / "metrics.json"
     tmp = path.with_suffix(".json.tmp")

@@ -7,6 +7,7 @@ from ddtas_lightning.policies.base import (
     global_similarities_with_tangent,
     similarities,
 )
+from ddtas_lightning.policies.hypergrad import HypergradThreshold
 from ddtas_lightning.policies.meta import MetaThreshold
 from ddtas_lightning.policies.mmsi import MMSI
 from ddtas_lightning.policies.pair_weights import MetaPairWeights
@@ -23,6 +24,7 @@ from ddtas_lightning.policies.virtual_step import (
 
 __all__ = [
     "FunctionalModel",
+    "HypergradThreshold",
     "MMSI",
     "MetaGradient",
     "MetaPairWeights",

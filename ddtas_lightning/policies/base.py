@@ -71,6 +71,24 @@ class ThresholdPolicy(nn.Module):
     def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
         raise NotImplementedError
 
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the module right after the real optimiser step of this step (not when the update
+        is skipped): a policy that follows the training trajectory (hypergrad) reads the update here."""
+
+    def _apply(self, fn, recurse: bool = True):
+        """Policy state stays float32 under every precision: ``module.to(torch.bfloat16)`` (Lightning's
+        ``bf16-true``) or ``.half()`` move the buffers' device but keep float32 ones float32 (a 1e-3
+        step of lambda rounds away in bf16); casts to float64 (``.double()``) apply as usual."""
+        float32 = {(id(m), n): b for m in self.modules() for n, b in m._buffers.items()
+                   if b is not None and b.dtype == torch.float32}
+        out = super()._apply(fn, recurse)
+        for m in self.modules():
+            for n, b in m._buffers.items():
+                old = float32.get((id(m), n))
+                if old is not None and b is not None and b.is_floating_point() and b.element_size() < 4:
+                    m._buffers[n] = old.to(b.device)  # the float32 values themselves, not a lossy round trip
+        return out
+
 
 def similarities(embeddings: Tensor) -> Tensor:
     """Cosine similarities of the (L2-normalised) embeddings of one batch: ``E E^T``."""

@@ -265,14 +265,61 @@ def cotangent_meta_gradient(
     return out.detach()
 
 
+def all_pairs_meta_loss(
+    fm: FunctionalModel, loss_fn: Callable[..., Tensor], images: Tensor, labels: Tensor, threshold: Tensor,
+) -> Callable[[Params], Tensor]:
+    """``theta -> L_m(theta)``: ``loss_fn`` on every pair of the meta batch (no mining) at the fixed
+    ``threshold`` (lambda_0), the meta batch embedded with ``theta`` on throw-away buffers."""
+    from ddtas_lightning.miners.selection import PairSelection  # local: keeps this module's imports light
+
+    selection = PairSelection.all_pairs(labels)
+
+    def meta_loss(params: Params) -> Tensor:
+        emb = fm(images, params, update_buffers=False)
+        sim = emb @ emb.T
+        return loss_fn(sim, selection, threshold=threshold.to(sim.dtype))
+
+    return meta_loss
+
+
+def gradient_and_tangent(
+    loss_of: Callable[[Params, Tensor], Tensor],
+    params: Mapping[str, Tensor],
+    control: Tensor,
+    params_tangent: Mapping[str, Tensor],
+    control_tangent: Tensor,
+) -> tuple[Params, Params]:
+    """``(g, gdot)`` with ``g = grad_theta L(theta, c)`` and its directional derivative along
+    ``(Z, cdot)``: ``gdot = H_theta Z + (d g / d c) cdot`` (a Hessian-vector product plus the mixed
+    partial, in one forward-over-reverse pass: ``torch.func.jvp`` over ``torch.func.grad``).
+
+    loss_of: ``(params, c) -> scalar`` built with :class:`FunctionalModel` (use ``update_buffers=False``
+    inside: the pass runs on throw-away buffers). The parameters are taken as constants (detached);
+    ``params_tangent`` entries missing mean zero. Both results are detached.
+    """
+    names = list(params)
+    primals = {n: params[n].detach() for n in names}
+    tangents = {
+        n: (torch.zeros_like(primals[n]) if params_tangent.get(n) is None
+            else params_tangent[n].to(primals[n].dtype))
+        for n in names
+    }
+    control = control.detach()
+    grad_fn = torch.func.grad(loss_of)
+    g, gdot = torch.func.jvp(grad_fn, (primals, control), (tangents, control_tangent.to(control.dtype)))
+    return ({n: g[n].detach() for n in names}, {n: gdot[n].detach() for n in names})
+
+
 __all__ = [
     "FunctionalModel",
     "MetaGradient",
     "Params",
+    "all_pairs_meta_loss",
     "all_reduce_mean",
     "cotangent_meta_gradient",
     "exact_meta_gradient",
     "gradient",
+    "gradient_and_tangent",
     "loss_and_gradient",
     "tangent_meta_gradient",
     "trainable_parameters",
