@@ -106,7 +106,8 @@ class DMLModule(pl.LightningModule):
         if torch.isfinite(out.loss):
             self.manual_backward(out.loss)
             params = [*self.model.parameters(), *self.loss_fn.parameters()]
-            finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+            grads = [p.grad for p in params if p.grad is not None]  # one host sync, not one per tensor
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
         else:
             finite = False
         if finite and out.skip_update:

@@ -298,7 +298,7 @@ class MetaPairWeights(ThresholdPolicy):
         weighed.grad = meta.grad
         weighed.logs["meta/loss"] = meta.meta_loss
         weighed.logs.update(_weight_logs(weights, head))
-        if not (bool(torch.isfinite(meta.grad).all()) and bool((weights > 0).any())):
+        if not bool(torch.isfinite(meta.grad).all() & (weights > 0).any()):  # one host sync
             return weighed.skipped()
         weighed.head, weighed.weights = head, weights.detach()
         weighed.logs["meta/warmup"] = weighed.logs["meta/skipped"] = torch.zeros((), device=sim.device)
