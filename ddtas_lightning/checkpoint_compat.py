@@ -155,23 +155,3 @@ def _leaves(node, prefix: str) -> dict[str, str]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---- the run's config inside its checkpoints (evaluate rebuilds the model from it) ------------------------
-CONFIG_KEY = "ddtas_config"  # checkpoint[CONFIG_KEY]: the composed config, resolved, as plain containers
-
-
-def config_for_checkpoint(cfg: DictConfig) -> dict:
-    """``cfg`` as plain Python containers for ``checkpoint[CONFIG_KEY]`` (loadable with
-    ``weights_only=True``): resolved where it can be, so the file alone rebuilds the model (Hydra's
-    ``${hydra:...}`` paths only resolve inside a Hydra app; outside one they stay as written)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation that needs the Hydra app (tests that compose without one)
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def saved_config(checkpoint: dict) -> DictConfig | None:
-    """The config saved in a loaded checkpoint dict by :func:`config_for_checkpoint`, or ``None``."""
-    saved = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    return OmegaConf.create(saved) if isinstance(saved, dict) else None

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ddtas_lightning.checkpointing import restore_buffers, snapshot_buffers
 from ddtas_lightning.distributed import gather
 from ddtas_lightning.losses.base import MetricLoss
+from ddtas_lightning.losses.pml import check_policy_support
 from ddtas_lightning.metrics import RetrievalMetrics
 from ddtas_lightning.metrics.cluster_stats import ClusterStatistics
 from ddtas_lightning.miners.base import BaseMiner
@@ -51,8 +52,10 @@ class DMLModule(pl.LightningModule):
         max_nonfinite_steps: int = 10,
         meta_batch_size: int = 0,
         seed: int = 0,
+        loss_lr: float | None = None,
     ) -> None:
         super().__init__()
+        check_policy_support(loss, miner, policy)  # loss=pml / miner=pml: threshold_policy=static only
         self.automatic_optimization = False
         self.model, self.loss_fn, self.miner, self.policy = model, loss, miner, policy
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -68,6 +71,12 @@ class DMLModule(pl.LightningModule):
         self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long))
         self.generator = torch.Generator().manual_seed(seed)  # miners' random draws (NSPA, random-hard)
         self.test_prefix = "test"  # train.py evaluates the untrained model under "untrained/"
+        # learning rate of the loss's own parameters (PML proxies, ArcFace's W); None: optimizer.lr
+        self.loss_lr = loss_lr
+        # evaluate.py sets keep_test_outputs: the gathered test items (embeddings, labels, indices,
+        # roles) are then kept in test_outputs for per-class metrics, galleries and exports
+        self.keep_test_outputs = False
+        self.test_outputs: dict[str, Tensor] | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -197,13 +206,17 @@ class DMLModule(pl.LightningModule):
         self._log_eval(self.val_metrics, "val", self.val_cluster_stats)
 
     def on_test_epoch_end(self) -> None:
+        if self.keep_test_outputs:
+            self.test_outputs = self.test_metrics.gathered()
         self._log_eval(self.test_metrics, self.test_prefix, self.test_cluster_stats)
 
     # ---- optimisation and state ------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.loss_fn.parameters() if p.requires_grad]
-        opt = self.optimizer_factory(params)
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:  # a loss with parameters (PML proxies, ArcFace's W): its own group and lr
+            groups.append({"params": loss_params, **({} if self.loss_lr is None else {"lr": float(self.loss_lr)})})
+        opt = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}

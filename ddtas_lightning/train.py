@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddtas_lightning.checkpoint_compat import check_checkpoint_compat, config_for_checkpoint
+from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
 from ddtas_lightning.evaluate import per_class_json, run_evaluation
 from ddtas_lightning.run_output import progress_options, show_config
 from ddtas_lightning.checkpointing import with_atomic_checkpoint_io
@@ -123,7 +123,6 @@ def build(cfg: DictConfig) -> tuple[DMLDataModule, DMLModule]:
         meta_batch_size=int(cfg.data.meta_batch_size) if policy.needs_meta_batch else 0,
         seed=int(cfg.seed),
     )
-    module.run_config = config_for_checkpoint(cfg)  # evaluate.py rebuilds the model from it
     return datamodule, module
 
 

@@ -71,8 +71,9 @@ def kmeans_assign(
     silenced, since DML test sets (e.g. SOP: ~5 images per class) are always in that regime. On CUDA inputs with a
     GPU build of faiss, the assignment index is a ``GpuIndexFlatL2`` pinned to ``x``'s device.
     """
-    import faiss
+    from ddtas_lightning.metrics.neighbors import quiet_faiss
 
+    faiss = quiet_faiss()
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
     n, d = x.shape

@@ -68,6 +68,15 @@ _FAISS_GPU_MAX_K = 2048  # faiss' GPU k-selection limit
 _MARGIN = 8  # extra candidates fetched beyond k, so that a second, wider search is rarely needed
 
 
+def quiet_faiss():
+    """``import faiss`` without its loader's INFO records (two ``ModuleNotFoundError(... swigfaiss_avx512 /
+    avx2 ...)`` lines under Hydra's INFO logging: harmless, the loader falls back to the generic build)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 def _float32_input_unit_roundoff(gpu_faiss: bool = False) -> float:
     """Relative rounding of matmul *inputs* under the current float32 matmul precision (0 for true float32)."""
     precision = torch.get_float32_matmul_precision()
@@ -169,7 +178,7 @@ class KNNIndex:
     # ----------------------------------------------------------------------------------------------- faiss
     def _build_faiss(self) -> None:
         try:
-            import faiss
+            faiss = quiet_faiss()
         except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency
             raise ImportError(
                 "backend='faiss' needs faiss (pip install faiss-cpu, or faiss-gpu-cu12)"

@@ -348,6 +348,17 @@ class RetrievalMetrics(Metric):
         self.is_query.append(ones if is_query is None else is_query.detach().to(torch.uint8))
         self.is_gallery.append(ones if is_gallery is None else is_gallery.detach().to(torch.uint8))
 
+    def gathered(self) -> dict[str, Tensor]:
+        """The items accumulated by every process, one row per dataset index (by increasing index):
+        ``embeddings``, ``labels``, ``indices``, ``is_query``, ``is_gallery`` (bool). Call on every rank."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            states = {name: dim_zero_cat(getattr(self, name))
+                      for name in ("embeddings", "labels", "indices", "is_query", "is_gallery")}
+        keep = deduplicate_by_index(states["indices"].long(), labels=states["labels"].long())
+        out = {name: value[keep] for name, value in states.items()}
+        out["is_query"], out["is_gallery"] = out["is_query"].bool(), out["is_gallery"].bool()
+        return out
+
     def compute(self) -> dict[str, Tensor]:
         if isinstance(self.embeddings, list) and len(self.embeddings) == 0:
             raise ValueError("RetrievalMetrics.compute() called before any update()")

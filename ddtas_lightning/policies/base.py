@@ -110,8 +110,12 @@ def global_similarities_with_tangent(local: Tensor, local_tangent: Tensor) -> tu
     return similarities(emb), emb_dot @ e.T + e @ emb_dot.T
 
 
-def embed_and_mine(model: nn.Module, miner: BaseMiner, batch: StepBatch) -> tuple[Tensor, PairSelection]:
-    """Similarity matrix of the global train batch and the miner's selection (computed once)."""
-    sim = similarities(global_embeddings(model(batch.images)))
-    selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
-    return sim, selection
+def embed_and_mine(model: nn.Module, miner: BaseMiner, batch: StepBatch, *, with_embeddings: bool = False):
+    """Similarity matrix of the global train batch and the miner's selection (computed once); with
+    ``with_embeddings`` also the global embeddings (for losses that need them, e.g. ``loss=pml``). A miner
+    that declares ``needs_embeddings`` (``miner=pml``) gets them as ``embeddings=``."""
+    emb = global_embeddings(model(batch.images))
+    sim = similarities(emb)
+    extra = {"embeddings": emb} if getattr(miner, "needs_embeddings", False) else {}
+    selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator, **extra)
+    return (sim, selection, emb) if with_embeddings else (sim, selection)

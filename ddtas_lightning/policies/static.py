@@ -24,8 +24,10 @@ class StaticThreshold(ThresholdPolicy):
         return None if self.threshold is None else torch.tensor(float(self.threshold))
 
     def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
-        sim, selection = embed_and_mine(model, miner, batch)
+        wants = getattr(loss_fn, "needs_embeddings", False)  # loss=pml: PML losses take embeddings
+        sim, selection, *emb = embed_and_mine(model, miner, batch, with_embeddings=wants)
+        extra = {"embeddings": emb[0], "labels": batch.labels} if wants else {}
         lam = self.current_threshold()
-        loss = loss_fn(sim, selection, threshold=None if lam is None else lam.to(sim.device))
+        loss = loss_fn(sim, selection, threshold=None if lam is None else lam.to(sim.device), **extra)
         value = loss_fn.threshold if lam is None else float(lam)
         return StepOutput(loss=loss, selection=selection, logs={"train/lambda": torch.tensor(value)})
