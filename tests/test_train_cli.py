@@ -37,6 +37,7 @@ EXTRA = {
     # MMSI: 4 x 1 meta batch and a warm-up the 4 train classes can reach within one step.
     ("threshold_policy", "mmsi"): ["data.meta_batch_size=4", "threshold_policy.warmup_classes=2"],
     ("threshold_policy", "pair_weight"): ["data.meta_batch_size=4", "data.meta_K=2"],
+    ("threshold_policy", "hypergrad"): ["data.meta_batch_size=4", "data.meta_K=2"],
 }
 GROUPS = ["dataset", "transform", "backbone", "loss", "miner", "threshold_policy", "optimizer",
           "scheduler", "trainer", "logger", "callbacks"]
