@@ -21,8 +21,11 @@ derivative w.r.t. w matters: ``g_k = -eta (d/dw_k dL_W/dS)^T (J_S v)`` with ``v 
 algorithm); ``mode="jvp"`` evaluates the identity with one backward over the meta batch and one
 forward-mode pass over the train batch (:func:`tangent_meta_gradient`). Both give the same value:
 the identity is exact at theta' = theta. eta cancels in the max-normalisation (spec §6.2). The
-forward-mode pass is a separate, graph-free pass (unlike ``threshold_policy=meta``'s reuse): MMSI
-must enqueue the train embeddings before its meta loss exists, so the real forward comes first.
+meta loss of ``pair_weight`` does not read the train batch, so with ``mode="jvp"`` it is taken first
+and the forward-mode pass over the train batch *is* the real forward (as ``threshold_policy=meta``'s
+``jvp_reuse_forward``: one backbone forward fewer). MMSI must enqueue the train embeddings before its
+meta loss exists, so there the real forward comes first and the forward-mode pass is a separate,
+graph-free one.
 The warm-up and skip decisions are Python booleans: one host synchronisation per step.
 
 Where the weights enter (``normalization``):
@@ -282,18 +285,26 @@ class MetaPairWeights(ThresholdPolicy):
                 "the data module provides it when policy.needs_meta_batch is True"
             )
         fm = FunctionalModel(model)
-        emb = global_embeddings(fm(batch.images))  # the real forward: updates BN statistics once
-        sim = similarities(emb)
-        self.observe(emb.detach(), batch)  # before the memory is used (spec §2)
+        target = tangent = None
+        if self.mode == "jvp" and self._meta_ignores_the_train_batch():
+            target = self.meta_target(batch)
+            if target.has_anchor():  # the meta gradient first; the forward-mode pass is the real forward
+                meta_loss, v = loss_and_gradient(self._meta_loss_fn(fm, loss_fn, batch, target), fm.params)
+                sim, sim_dot = global_similarities_with_tangent(*fm.forward_with_tangent(batch.images, v))
+                tangent = (meta_loss, sim_dot)
+        if tangent is None:
+            emb = global_embeddings(fm(batch.images))  # the real forward: updates BN statistics once
+            sim = similarities(emb)
+            self.observe(emb.detach(), batch)  # before the memory is used (spec §2)
         selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
         weighed = WeighedBatch(sim, selection, self.extra_logs())
         if self.warming_up():  # official: no update at all until the memory is ready
             return weighed.skipped(warmup=True)
-        target = self.meta_target(batch)
+        target = self.meta_target(batch) if target is None else target
         if not target.has_anchor():  # official `if L_G == 0: continue`
             return weighed.skipped()
         head = WeightedLoss(loss_fn, selection, self.normalization)
-        meta = self.meta_gradient(fm, loss_fn, batch, sim, head, target)
+        meta = self.meta_gradient(fm, loss_fn, batch, sim, head, target, tangent)
         weights = normalize_weights(meta.grad, head.groups())
         weighed.grad = meta.grad
         weighed.logs["meta/loss"] = meta.meta_loss
@@ -304,14 +315,26 @@ class MetaPairWeights(ThresholdPolicy):
         weighed.logs["meta/warmup"] = weighed.logs["meta/skipped"] = torch.zeros((), device=sim.device)
         return weighed
 
-    def meta_gradient(self, fm: FunctionalModel, loss_fn: MetricLoss, batch: StepBatch, sim: Tensor,
-                      head: WeightedLoss, target: MetaTarget) -> MetaGradient:
-        """``dL_meta(theta'(w))/dw`` at ``w = 0`` (averaged over DDP ranks)."""
+    def _meta_ignores_the_train_batch(self) -> bool:
+        """The meta loss reads nothing of this step's train batch (the base hooks: no memory)."""
+        cls = type(self)
+        return (cls.observe is MetaPairWeights.observe and cls.warming_up is MetaPairWeights.warming_up
+                and cls.meta_target is MetaPairWeights.meta_target)
 
+    @staticmethod
+    def _meta_loss_fn(fm: FunctionalModel, loss_fn: MetricLoss, batch: StepBatch, target: MetaTarget):
         def meta_loss_fn(params: Params) -> Tensor:
             emb_m = fm(batch.meta_images, params, update_buffers=False)
             return target.loss(loss_fn, emb_m)
 
+        return meta_loss_fn
+
+    def meta_gradient(self, fm: FunctionalModel, loss_fn: MetricLoss, batch: StepBatch, sim: Tensor,
+                      head: WeightedLoss, target: MetaTarget,
+                      tangent: tuple[Tensor, Tensor] | None = None) -> MetaGradient:
+        """``dL_meta(theta'(w))/dw`` at ``w = 0`` (averaged over DDP ranks). ``tangent``: ``mode="jvp"``
+        with the meta loss and ``Sdot = J_S v`` already computed (by the real forward)."""
+        meta_loss_fn = self._meta_loss_fn(fm, loss_fn, batch, target)
         dtype = torch.promote_types(sim.dtype, torch.float32)  # fp16/bf16 losses run in float32
         w = torch.zeros(head.shape, dtype=dtype, device=sim.device, requires_grad=True)
         if self.mode == "exact":
@@ -321,6 +344,9 @@ class MetaPairWeights(ThresholdPolicy):
                     "use threshold_policy.mode=jvp (the same weights, spec mmsi.md §1.1) under DDP"
                 )
             meta = exact_meta_gradient(head(sim, w), w, meta_loss_fn, fm.params, self.inner_lr)
+        elif tangent is not None:
+            meta_loss, sim_dot = tangent
+            meta = MetaGradient(tangent_meta_gradient(head, sim, sim_dot, w, self.inner_lr), meta_loss)
         else:  # theta' = theta at w = 0, so v = grad L_meta(theta) makes the identity exact
             meta_loss, v = loss_and_gradient(meta_loss_fn, fm.params)
             emb, emb_dot = fm.forward_with_tangent(batch.images, v, update_buffers=False, keep_graph=False)
