@@ -35,10 +35,41 @@ PREFIX_GROUPS = {"model": "backbone", "policy": "threshold_policy", "loss_fn": "
 SHOW = 5  # mismatches listed per kind
 
 
+# The run's composed config (unresolved, as Hydra's .hydra/config.yaml) is saved in every checkpoint
+# under this key (ConfigInCheckpoint), so a resume is judged against the config that wrote the weights.
+CONFIG_KEY = "ddtas_config"
+# Keys that may differ between the run that wrote a checkpoint and the run resuming from it: where
+# things are written and logged, how long to train, the hardware, the loader processes, evaluation
+# extras. Everything else must be equal (a resume continues the same optimisation).
+RESUME_MAY_CHANGE = (
+    "ckpt_path", "paths", "logger", "callbacks", "task_name", "evaluate_before_training", "test_after_training",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.devices", "trainer.num_nodes",
+    "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "trainer.plugins", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+    "data.eval_batch_size", "metrics.knn_backend",
+)
+
+
 def load_state_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
     """``{key: shape}`` of the checkpoint's ``state_dict``; ``None`` when the file needs a full
     unpickler (custom entries) and cannot be judged cheaply. Raises ConfigError for an unreadable file
     or one without a ``state_dict``."""
+    ckpt = _load(path)
+    if ckpt is None:
+        return None
+    state = ckpt.get("state_dict")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_saved_config(path: str | Path) -> dict | None:
+    """The config saved inside the checkpoint (:data:`CONFIG_KEY`); ``None`` for a checkpoint written
+    before configs were saved, or one that cannot be judged cheaply."""
+    ckpt = _load(path)
+    saved = ckpt.get(CONFIG_KEY) if ckpt is not None else None
+    return saved if isinstance(saved, dict) else None
+
+
+def _load(path: str | Path) -> dict | None:
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -62,7 +93,7 @@ def load_state_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
             f"ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' entry); ckpt_path resumes a "
             "run of this framework. To start from backbone weights use backbone.checkpoint_path instead"
         )
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return ckpt
 
 
 def state_mismatches(ckpt: dict[str, tuple[int, ...]], module: nn.Module) -> dict[str, list[str]]:
@@ -96,12 +127,8 @@ def saved_config_diff(path: Path, cfg: DictConfig | None, groups: list[str]) -> 
     """``"<key>: <old> in the checkpoint's run, <new> here"`` for the leaves of ``groups`` (and each
     group's ``_target_``, i.e. the option chosen) that differ from the config saved by Hydra next to
     the checkpoint's run (``<run>/.hydra/config.yaml`` for ``<run>/checkpoints/x.ckpt``)."""
-    saved_file = path.parent.parent / ".hydra" / "config.yaml"
-    if cfg is None or not saved_file.is_file():
-        return []
-    try:
-        saved = OmegaConf.load(saved_file)
-    except Exception:  # a hand-edited or foreign file: the key comparison alone still stands
+    saved = _saved_config(path) if cfg is not None else None
+    if saved is None:
         return []
     diffs = []
     for group in groups:
@@ -114,15 +141,67 @@ def saved_config_diff(path: Path, cfg: DictConfig | None, groups: list[str]) -> 
     return diffs
 
 
+def _saved_config(path: Path) -> DictConfig | None:
+    """The config of the run that wrote ``path``: the one saved inside it, else Hydra's
+    ``<run>/.hydra/config.yaml`` next to ``<run>/checkpoints/`` (checkpoints of older versions)."""
+    inside = load_saved_config(path)
+    if inside is not None:
+        return OmegaConf.create(inside)
+    saved_file = path.parent.parent / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        return None
+    try:
+        return OmegaConf.load(saved_file)
+    except Exception:  # a hand-edited or foreign file: the key comparison alone still stands
+        return None
+
+
+def resume_config_diff(path: str | Path, cfg: DictConfig) -> list[str]:
+    """``"<key>: <old> in the checkpoint's run, <new> here"`` for every config leaf outside
+    :data:`RESUME_MAY_CHANGE` that both configs have and that differs from the config saved inside the
+    checkpoint (nothing to compare for a checkpoint without one)."""
+    saved = load_saved_config(path)
+    if saved is None:
+        return []
+    old = _leaves(saved, "")
+    new = _leaves(OmegaConf.to_container(cfg, resolve=False), "")
+    # Keys on one side only are a version's new or retired options (a changed group option shows in
+    # its _target_); values the two configs share must agree.
+    keys = [k for k in sorted(old.keys() & new.keys()) if not _may_change(k)]
+    return [f"{k}: {old[k]} in the checkpoint's run, {new[k]} here" for k in keys if old[k] != new[k]]
+
+
+def _may_change(key: str) -> bool:
+    return key == "hydra" or key.startswith("hydra.") or any(
+        key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def check_resume_config(path: str | Path, cfg: DictConfig) -> None:
+    """Raise one ConfigError when the config differs from the one saved inside the checkpoint in a key
+    a resume may not change (the optimiser, the loss, the data, the seed, ...)."""
+    diffs = resume_config_diff(path, cfg)
+    if diffs:
+        more = f" (and {len(diffs) - SHOW} more)" if len(diffs) > SHOW else ""
+        raise ConfigError(
+            f"ckpt_path: checkpoint {path} was written under another config: config values that differ: "
+            f"{'; '.join(diffs[:SHOW])}{more}. Resume with the config of the run that wrote it (a resume may "
+            "change only where it writes, how long it trains, the hardware and the loader processes), or "
+            "start a new run without ckpt_path"
+        )
+
+
 def check_checkpoint_compat(path: str | Path, module: nn.Module, cfg: DictConfig | None = None) -> None:
     """Raise one ConfigError naming ``ckpt_path`` when the checkpoint's state_dict does not fit ``module``
-    (the module built from ``cfg``); a no-op when it fits or cannot be judged cheaply."""
+    (the module built from ``cfg``), or ``cfg`` differs from the config saved in the checkpoint where a
+    resume may not change it; a no-op when it fits or cannot be judged cheaply."""
     path = Path(path)
     shapes = load_state_shapes(path)
     if shapes is None:
         return
     bad = state_mismatches(shapes, module)
     if not any(bad.values()):
+        if cfg is not None:
+            check_resume_config(path, cfg)
         return
     parts = []
     for kind, label in (("shape", "shape mismatches"), ("missing", "missing from the checkpoint"),
@@ -144,10 +223,10 @@ def check_checkpoint_compat(path: str | Path, module: nn.Module, cfg: DictConfig
 
 
 def _leaves(node, prefix: str) -> dict[str, str]:
-    if isinstance(node, dict):
+    if isinstance(node, dict) and node:
         out: dict[str, str] = {}
         for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}.{k}"))
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: repr(node) if isinstance(node, str) else str(node)}
 

@@ -10,6 +10,7 @@ path holds either the previous complete checkpoint or the new complete one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -23,6 +24,8 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ddtas_lightning.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +42,67 @@ def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}."
 
 
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (full disk, read-only file system, ...): reported as one
+    ``error:`` line (exit code 2), the previous file of that name left intact."""
+
+
+class _RecordingFile:
+    """A file whose first ``OSError`` on write is kept: ``torch.save`` turns it into a bare
+    ``RuntimeError: [enforce fail at inline_container.cc]`` that no longer says why."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same directory, flush + fsync, rename,
     fsync the directory (so the rename itself is durable). Leftover temp files of earlier writers that
-    were killed mid-write are removed after a successful save."""
+    were killed mid-write are removed after a successful save. A write that fails for lack of space or
+    permission (ENOSPC, EROFS, EDQUOT, EACCES, ...) raises :class:`CheckpointWriteError`; the previous
+    checkpoint at ``path`` is untouched either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, _owner()), suffix=_TMP_SUFFIX, dir=path.parent)
+    recorder = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, _owner()), suffix=_TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            recorder = _RecordingFile(f)
+            torch.save(obj, recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = recorder.error if recorder is not None and recorder.error is not None else e
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise _write_error(path, cause) from None
         raise
     _fsync_dir(path.parent)
     _remove_stale_temps(path)
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
+    kept = f"the previous {path} is kept" if path.is_file() else f"no earlier {path.name} existed"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {path}: {e.strerror or e} (errno {e.errno}, {errno.errorcode.get(e.errno, '?')}); "
+        f"{kept}. Free space on (or make writable) {path.parent}, or choose another hydra.run.dir; the run can "
+        "be resumed from its last checkpoint with ckpt_path=last"
+    )
 
 
 def _umask() -> int:

@@ -30,6 +30,9 @@ from ddtas_lightning.data.datamodule import DMLDataModule, check_batch_shape
 from ddtas_lightning.data.image_dataset import BAD_IMAGE_MODES
 from ddtas_lightning.module import DMLModule, NonFiniteLossError
 from ddtas_lightning.validation import ConfigError, as_float, as_int, check_choice
+from ddtas_lightning.config_checks import check_run_values
+from ddtas_lightning.run_dir import check_run_dir_writable, run_callbacks
+from ddtas_lightning.signals import SIGTERMException, exit_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{missing[0]} has no value ('???'); set it on the command line, e.g. "
                           f"{missing[0]}=<value>" + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else ""))
-    as_int("seed", cfg.seed)
+    check_run_values(cfg)  # NaN/inf anywhere, seed, recall_ks, trainer.max_epochs, dataset.image_size
     data = cfg.data
     batch_size, k = as_int("data.batch_size", data.batch_size, 1), as_int("data.K", data.K)
     try:
@@ -138,6 +141,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     # Checkpoint files are written atomically (a kill mid-save keeps the previous last.ckpt), unless
     # the trainer config chooses its own CheckpointIO plugin.
     plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins")))
+    callbacks += run_callbacks(cfg)  # config saved in checkpoints, last.ckpt at SIGTERM/SIGINT, R@K check
     # Output that is not a terminal (a log file, SLURM) gets one progress line per N steps, not bar frames.
     progress = progress_options(cfg.trainer, callbacks)
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, **progress)
@@ -173,6 +177,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir_writable(output_dir)  # a read-only or full run dir fails now, not at the first save
     show_config(cfg, output_dir)  # the composed config as a tree, printed and saved (config_tree.yaml)
     datamodule, module = build(cfg)
     ckpt_path = resolve_ckpt(cfg, output_dir, module)  # before any work: a bad checkpoint fails fast
@@ -278,6 +283,8 @@ def exit_code_for(exc: BaseException) -> int | None:
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
+    except SIGTERMException as exc:  # SIGTERM/SIGINT: last.ckpt saved at the signal, exit 143/130
+        sys.exit(exit_for_signal(exc, cfg.paths.output_dir, _overrides()))
     except Exception as exc:  # one clear line for bad input instead of a deep traceback
         code = exit_code_for(exc)
         if code is None:
@@ -286,6 +293,13 @@ def main(cfg: DictConfig) -> float:
         if _in_multirun():
             raise  # Hydra records the job as failed and the sweep goes on (compare reports it)
         sys.exit(code)
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under a Hydra app
+        return []
 
 
 def _in_multirun() -> bool:
