@@ -33,6 +33,25 @@ def split_off_classes(records: SplitRecords, fraction: float) -> tuple[SplitReco
     return subset(records, keep), subset(records, held)
 
 
+META_SOURCES = ("train", "heldout")  # where the meta batch comes from (data.meta_source)
+
+
+def split_off_meta_classes(records: SplitRecords, fraction: float) -> tuple[SplitRecords, SplitRecords]:
+    """``(train, meta)``: the meta batch's own classes, the last ``fraction`` of the train classes left
+    after the validation split (so class-disjoint from both the train batches and validation)."""
+    n = records.num_classes
+    if not 0 < round(n * fraction) < n:
+        raise ConfigError(f"data.meta_fraction={fraction} leaves {round(n * fraction)} of {n} train classes for "
+                          "the meta batch; use a fraction giving at least 1 class to each side")
+    return split_off_classes(records, fraction)
+
+
+def concatenate(first: SplitRecords, second: SplitRecords) -> SplitRecords:
+    both = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
+    return SplitRecords(first.paths + second.paths, first.labels + second.labels,
+                        both(first.is_query, second.is_query), both(first.is_gallery, second.is_gallery))
+
+
 def subset(records: SplitRecords, idx: list[int]) -> SplitRecords:
     pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
     return SplitRecords(
@@ -85,6 +104,8 @@ class DMLDataModule(pl.LightningDataModule):
         meta_K: int = 2,
         with_meta_batch: bool = False,
         seed: int = 0,
+        meta_source: str = "train",
+        meta_fraction: float = 0.25,
     ) -> None:
         super().__init__()
         check_batch_shape(batch_size, K)
@@ -110,6 +131,10 @@ class DMLDataModule(pl.LightningDataModule):
                 )
         self.meta_batch_size, self.meta_K = meta_batch_size, meta_K
         self.seed = seed
+        if meta_source not in META_SOURCES:
+            raise ConfigError(f"data.meta_source must be one of {', '.join(META_SOURCES)}, got {meta_source!r}")
+        # heldout: the train set holds the train classes first, then the meta classes from meta_offset on
+        self.meta_source, self.meta_fraction, self.meta_offset = meta_source, float(meta_fraction), None
         self.train_set = self.val_set = self.test_set = None
 
     def _dataset(self, records: SplitRecords, train: bool):
@@ -136,6 +161,10 @@ class DMLDataModule(pl.LightningDataModule):
         else:
             val = test
         self._check_classes(train)
+        if self.with_meta_batch and self.meta_source == "heldout":  # meta classes never in a train batch
+            train, meta = split_off_meta_classes(train, self.meta_fraction)
+            self.meta_offset = len(train)
+            train = concatenate(train, meta)
         self.train_set = self._dataset(train, train=True)
         self.val_set = self._dataset(val, train=False)
         self.test_set = self.val_set if val is test else self._dataset(test, train=False)
@@ -166,14 +195,17 @@ class DMLDataModule(pl.LightningDataModule):
     def train_sampler(self) -> PKBatchSampler | WithMetaBatch:
         world, rank = self._world()
         train = PKBatchSampler(
-            self.train_set.labels, self.P, self.K, seed=self.seed,
+            self.train_set.labels[:self.meta_offset], self.P, self.K, seed=self.seed,
             batches_per_epoch=self.batches_per_epoch, num_replicas=world, rank=rank,
         )
         if not self.with_meta_batch:
             return train
         meta = PKBatchSampler(
-            self.train_set.labels, self.meta_batch_size // self.meta_K, self.meta_K, seed=self.seed + 1,
+            self.train_set.labels[self.meta_offset or 0:], self.meta_batch_size // self.meta_K, self.meta_K,
+            seed=self.seed + 1,
         )
+        if self.meta_offset:  # indices of the meta part of the train set
+            meta.class_members = [m + self.meta_offset for m in meta.class_members]
         return WithMetaBatch(train, meta)
 
     def train_dataloader(self) -> DataLoader:

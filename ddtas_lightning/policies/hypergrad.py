@@ -91,7 +91,7 @@ class HypergradThreshold(MetaThreshold):
     decay: mu in (0, 1] (Z <- mu Z at every step). truncate: reset Z every this many steps (None: never).
     meta_params: ``all`` | ``head``. Other arguments: as :class:`MetaThreshold` (``init``,
     ``granularity`` scalar | pos_neg, ``lr``, ``step_rule``, ``betas``, ``eps``, ``min``, ``max``,
-    ``meta_threshold``).
+    ``meta_threshold``, ``meta_objective`` loss | smooth_ap | nca, ``meta_temperature``).
     Logs: those of :class:`MetaThreshold` (``meta/grad_lambda`` is the hypergradient h) and
     ``meta/tangent_norm`` (||Z||, all components).
     """
@@ -112,12 +112,15 @@ class HypergradThreshold(MetaThreshold):
         decay: float = 1.0,
         truncate: int | None = None,
         meta_params: str = "all",
+        meta_objective: str = "loss",
+        meta_temperature: float | None = None,
     ) -> None:
         # inner_lr=1: the Adam rule's normalisation of the gradient by the virtual step size does not
         # apply (there is no virtual step); the hypergradient is used as it is.
         super().__init__(init=init, granularity=granularity, mode="jvp", inner_lr=1.0, lr=lr,
                          step_rule=step_rule, betas=betas, eps=eps, min=min, max=max,
-                         meta_threshold=meta_threshold)
+                         meta_threshold=meta_threshold, meta_objective=meta_objective,
+                         meta_temperature=meta_temperature)
         if not 0.0 < float(decay) <= 1.0:
             raise ConfigError(f"threshold_policy.decay must be in (0, 1], got {decay}")
         if truncate is not None and int(truncate) < 1:
@@ -191,8 +194,10 @@ class HypergradThreshold(MetaThreshold):
         self._ensure_tangent(fm.params)
         z = self._views(self.tangent, fm.params)
 
-        # (1) hypergradient at theta_t (no direct term: the meta loss reads the fixed lambda_0)
-        meta_loss_fn = all_pairs_meta_loss(fm, loss_fn, batch.meta_images, batch.meta_labels, self.meta_lam)
+        # (1) hypergradient at theta_t (no direct term: the meta loss reads the fixed lambda_0, or no
+        # lambda at all with meta_objective=smooth_ap | nca)
+        meta_loss_fn = all_pairs_meta_loss(fm, loss_fn, batch.meta_images, batch.meta_labels, self.meta_lam,
+                                           self.meta_objective, self.meta_temperature)
         meta_loss, v = loss_and_gradient(meta_loss_fn, fm.params)
         hyper = torch.stack([
             sum((v[n].to(zc[n].dtype) * zc[n]).sum() for n in fm.params) for zc in z

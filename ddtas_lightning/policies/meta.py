@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from ddtas_lightning.distributed import is_distributed
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
-from ddtas_lightning.miners.selection import PairSelection
 from ddtas_lightning.policies.base import (
     StepBatch,
     StepOutput,
@@ -48,8 +47,10 @@ from ddtas_lightning.policies.base import (
 )
 from ddtas_lightning.policies.virtual_step import (
     FunctionalModel,
+    META_OBJECTIVES,
     MetaGradient,
     Params,
+    all_pairs_meta_loss,
     all_reduce_mean,
     cotangent_meta_gradient,
     exact_meta_gradient,
@@ -81,6 +82,9 @@ class MetaThreshold(ThresholdPolicy):
     min, max: lambda is clamped to [min, max] after every update (and must start inside).
     meta_threshold: the fixed lambda_0 of the meta loss (float or ``[pos, neg]``); ``None`` = the
         initial lambda.
+    meta_objective: ``loss`` (the papers': the loss on all meta pairs at lambda_0) | ``smooth_ap`` |
+        ``nca`` (lambda-free retrieval objectives, ``losses/retrieval_objectives.py``);
+        meta_temperature: their temperature (None: their default).
     jvp_reuse_forward: ``mode="jvp"`` only: the forward-mode pass over the train batch doubles as the
         real forward (one backbone forward fewer, more memory); ``False``: a separate graph-free pass.
     exact_impl: ``mode="exact"`` only, two computations of the same exact derivative:
@@ -133,6 +137,8 @@ class MetaThreshold(ThresholdPolicy):
         jvp_reuse_forward: bool = True,
         exact_impl: str = "identity",
         every: int = 1,
+        meta_objective: str = "loss",
+        meta_temperature: float | None = None,
     ) -> None:
         super().__init__()
         check_choice("threshold_policy.granularity", granularity, GRANULARITIES)
@@ -152,6 +158,8 @@ class MetaThreshold(ThresholdPolicy):
         self.jvp_reuse_forward = bool(jvp_reuse_forward)
         self.exact_impl = exact_impl
         self.every = as_int("threshold_policy.every", every, minimum=1)
+        check_choice("threshold_policy.meta_objective", meta_objective, META_OBJECTIVES)
+        self.meta_objective, self.meta_temperature = meta_objective, meta_temperature
         shape = () if granularity == "scalar" else (2,)
         self.register_buffer("lam", torch.zeros(shape))
         self.register_buffer("meta_lam", torch.zeros(shape))
@@ -245,12 +253,9 @@ class MetaThreshold(ThresholdPolicy):
         if self.every > 1 and batch.global_step % self.every:
             return self._held_step(loss_fn, miner, model, batch)
         fm = FunctionalModel(model)
-        meta_selection = PairSelection.all_pairs(batch.meta_labels)
 
-        def meta_loss_fn(params: Params) -> Tensor:
-            emb = fm(batch.meta_images, params, update_buffers=False)
-            sim_m = similarities(emb)
-            return loss_fn(sim_m, meta_selection, threshold=self.meta_lam.to(sim_m.dtype))
+        meta_loss_fn = all_pairs_meta_loss(fm, loss_fn, batch.meta_images, batch.meta_labels, self.meta_lam,
+                                           self.meta_objective, self.meta_temperature)
 
         def head(s: Tensor, lam: Tensor) -> Tensor:  # the train loss on the fixed selection
             return loss_fn(s, selection, threshold=lam)

@@ -265,18 +265,31 @@ def cotangent_meta_gradient(
     return out.detach()
 
 
+META_OBJECTIVES = ("loss", "smooth_ap", "nca")
+
+
 def all_pairs_meta_loss(
     fm: FunctionalModel, loss_fn: Callable[..., Tensor], images: Tensor, labels: Tensor, threshold: Tensor,
+    objective: str = "loss", temperature: float | None = None,
 ) -> Callable[[Params], Tensor]:
-    """``theta -> L_m(theta)``: ``loss_fn`` on every pair of the meta batch (no mining) at the fixed
-    ``threshold`` (lambda_0), the meta batch embedded with ``theta`` on throw-away buffers."""
-    from ddtas_lightning.miners.selection import PairSelection  # local: keeps this module's imports light
+    """``theta -> L_m(theta)`` on the meta batch (embedded with ``theta`` on throw-away buffers), scored
+    against itself. objective: ``loss`` (the papers': ``loss_fn`` on every pair, no mining, at the
+    fixed ``threshold`` lambda_0) | ``smooth_ap`` | ``nca`` (lambda-free retrieval objectives of
+    :mod:`ddtas_lightning.losses.retrieval_objectives`, ``temperature`` None = their default)."""
+    from ddtas_lightning.losses.retrieval_objectives import OBJECTIVES  # local: keeps imports light
+    from ddtas_lightning.miners.selection import PairSelection
 
+    if objective not in META_OBJECTIVES:
+        raise ValueError(f"threshold_policy.meta_objective must be one of {', '.join(META_OBJECTIVES)}, "
+                         f"got {objective!r}")
     selection = PairSelection.all_pairs(labels)
+    kwargs = {} if temperature is None else {"temperature": float(temperature)}
 
     def meta_loss(params: Params) -> Tensor:
         emb = fm(images, params, update_buffers=False)
         sim = emb @ emb.T
+        if objective != "loss":
+            return OBJECTIVES[objective](sim, labels.to(sim.device), **kwargs)
         return loss_fn(sim, selection, threshold=threshold.to(sim.dtype))
 
     return meta_loss

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from ddtas_lightning.losses.retrieval_objectives import OBJECTIVES
 from ddtas_lightning.miners.none import AllPairsMiner
 from ddtas_lightning.miners.selection import PairSelection
 from ddtas_lightning.policies import HypergradThreshold, MetaThreshold
@@ -18,12 +19,14 @@ K = 4
 SGD = dict(lr=0.2, momentum=0.9, weight_decay=1e-2)
 
 
-def meta_loss_at(model, loss_fn, batch, meta_lam):
+def meta_loss_at(model, loss_fn, batch, meta_lam, objective="loss", temperature=None):
     emb = model(batch.meta_images)
+    if objective != "loss":
+        return OBJECTIVES[objective](emb @ emb.T, batch.meta_labels, temperature)
     return loss_fn(emb @ emb.T, PairSelection.all_pairs(batch.meta_labels), threshold=meta_lam)
 
 
-def unrolled_meta_loss(model0, loss_fn, batches, lams, make_opt, step_fn=None):
+def unrolled_meta_loss(model0, loss_fn, batches, lams, make_opt, step_fn=None, **objective):
     """L_meta(theta_K) after K plain training steps of a copy of ``model0``, step k at threshold
     ``lams[k]`` (all pairs); the meta loss of ``batches[K]`` at lambda_0 = 0.5."""
     m = copy.deepcopy(model0)
@@ -38,7 +41,7 @@ def unrolled_meta_loss(model0, loss_fn, batches, lams, make_opt, step_fn=None):
         else:
             step_fn(opt, k)
     with torch.no_grad():
-        return meta_loss_at(m, loss_fn, batches[len(lams)], torch.tensor(0.5, dtype=torch.float64))
+        return meta_loss_at(m, loss_fn, batches[len(lams)], torch.tensor(0.5, dtype=torch.float64), **objective)
 
 
 def policy_hypergradient(model0, loss_fn, batches, make_opt, **policy_kwargs):
@@ -78,6 +81,19 @@ def test_sgd_hypergradient_is_exact(loss_fn, bn, opt_kwargs):
     )
     assert fd.abs() > 1e-6  # the problem is not degenerate
     torch.testing.assert_close(h, fd, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["smooth_ap", "nca"])
+def test_lambda_free_meta_objectives_are_exact(objective):
+    loss_fn, model0, batches = LOSSES["ms"](), make_model(2), batches_for(11)
+    make_opt = lambda p: torch.optim.SGD(p, **SGD)  # noqa: E731
+    h = policy_hypergradient(model0, loss_fn, batches, make_opt, meta_objective=objective, meta_temperature=0.2)
+    fd = central_difference(
+        lambda lam: unrolled_meta_loss(model0, loss_fn, batches, [lam] * K, make_opt, objective=objective,
+                                       temperature=0.2),
+        torch.tensor(0.5, dtype=torch.float64))
+    assert fd.abs() > 1e-7
+    torch.testing.assert_close(h, fd, rtol=1e-6, atol=1e-11)
 
 
 def test_pos_neg_components_are_exact():
