@@ -36,9 +36,50 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully decoded and converted to RGB (raises on missing, corrupt or truncated)."""
+    """Open an image file fully decoded and converted to 8-bit RGB by :func:`to_rgb8` (raises on
+    missing, corrupt or truncated files)."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im.load()
+        return to_rgb8(im)
+
+
+# Integer modes wider than 8 bits: PIL's convert("RGB") clips them to 255 (a 16-bit PNG came out 99.6%
+# white), so they are scaled to 0..255 from the full range of their bit depth instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, scaling rather than clipping wider modes:
+
+    - ``I;16*`` (16-bit grey) and ``I`` (32-bit integer; what 16-bit PNGs and TIFFs decode to) are read as
+      0..65535 (clipped there) and mapped with ``round(v * 255 / 65535)``;
+    - ``F`` (32-bit float) is read as 0..1 when every value lies in [0, 1], else as 0..255 (clipped);
+      NaN becomes 0;
+    - ``CMYK``: ``R = 255 (1 - C/255)(1 - K/255)`` (likewise G with M, B with Y);
+    - palette images with transparency go through RGBA; alpha (``RGBA``, ``LA``, ``PA``) is dropped;
+      other 8-bit modes (``1``, ``L``, ``P``, ``YCbCr``, ``LAB``, ``HSV``, ...) use PIL's conversion.
+    """
+    import numpy as np
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        v = np.asarray(im, dtype=np.float64)
+        grey = np.rint(np.clip(v, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        v = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        scale = 255.0 if v.size and v.min() >= 0.0 and v.max() <= 1.0 else 1.0
+        grey = np.rint(np.clip(v * scale, 0, 255)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "CMYK":
+        c, m, y, k = (np.asarray(im, dtype=np.float64)[..., i] / 255.0 for i in range(4))
+        rgb = np.stack([(1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)], axis=-1)
+        return Image.fromarray(np.rint(rgb * 255.0).astype(np.uint8))
+    if mode in ("P", "PA") and ("transparency" in im.info or mode == "PA"):
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
 
 
 def _default_to_tensor(image: Image.Image) -> torch.Tensor:

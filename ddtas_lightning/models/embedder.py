@@ -57,9 +57,16 @@ class Embedder(nn.Module):
             create_kwargs.update(pretrained=pretrained)
         try:
             self.backbone = timm.create_model(model_name, **create_kwargs)
-        except OSError as e:  # hub weights requested offline: name the key and the offline way instead
-            if checkpoint_path or not pretrained:
+        except Exception as e:
+            if checkpoint_path:  # a text file, a truncated file, weights of another architecture
+                raise ConfigError(
+                    f"backbone.checkpoint_path: cannot load {path} into the timm model {model_name!r} "
+                    f"({type(e).__name__}: {_summary(e)}); expected a .pth/.safetensors state dict of that "
+                    "architecture (or set backbone.model_name to the one the weights are for)"
+                ) from None
+            if not pretrained or not isinstance(e, OSError):
                 raise
+            # hub weights requested offline: name the key and the offline way instead
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(
                 f"backbone.pretrained=true: the pretrained weights of {model_name!r} could not be fetched "
@@ -99,5 +106,18 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def data_config(self) -> dict:
-        """timm's preprocessing config (input size, mean, std, interpolation) for this backbone."""
-        return timm.data.resolve_data_config({}, model=self.backbone)
+        """timm's preprocessing config (input size, mean, std, interpolation) for this backbone; the
+        input size is the one the model was built for (e.g. a ViT created with ``img_size=28``), not
+        its pretrained default."""
+        config = timm.data.resolve_data_config({}, model=self.backbone)
+        img_size = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            config["input_size"] = (3, *tuple(img_size))
+        return config
+
+
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    """The first lines of an error message, joined and cut to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()][:2]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
