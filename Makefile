@@ -14,27 +14,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP) ## create/refresh .venv from pyproject.toml (torch pinned by TORCH_PINS)
 
-train: $(STAMP)
+train: $(STAMP) ## train once: make train ARGS='experiment=ddtas_cub200 ...'
 	$(PY) -m ddtas_lightning.train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) ## fast tests (not marked slow); ARGS passes pytest options
 	$(PY) -m pytest -m "not slow" -q $(ARGS)
 
-test-full: $(STAMP)
+test-full: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) ## run every benchmarks/bench_*.py
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff check
 	$(PY) -m ruff check ddtas_lightning tests benchmarks
 
-format: $(STAMP)
+format: $(STAMP) ## ruff format
 	$(PY) -m ruff format ddtas_lightning tests benchmarks
 
-clean:
+clean: ## remove .venv, outputs/ and the pytest cache
 	rm -rf $(VENV) outputs .pytest_cache
 
 # NSPA study (issue 6): 4 negative-selection strategies x 5 seeds on gaussian_clusters, then mean +- std,
@@ -44,7 +44,7 @@ NSPA_DIR ?= multirun/nspa_gaussian_clusters/study
 NSPA_RAW_DIR ?= multirun/nspa_gaussian_clusters_raw/study
 NSPA_MINERS := miner=nspa_hardest,nspa_random_hard,nspa_semi_hard,nspa seed=0,1,2,3,4
 .PHONY: nspa
-nspa: $(STAMP)
+nspa: $(STAMP) ## NSPA study: 4 strategies x 5 seeds, then mean +- std tables
 	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters $(NSPA_MINERS) \
 		hydra.sweep.dir=$(NSPA_DIR) $(ARGS)
 	OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=nspa_gaussian_clusters_raw $(NSPA_MINERS) \
@@ -59,8 +59,13 @@ nspa: $(STAMP)
 # the latest one (or SWEEP_DIR=<sweep dir>) and writes its table, plots and report.md to <sweep dir>/report/.
 SWEEP_DIR ?= multirun/threshold_grid
 .PHONY: sweep compare
-sweep: $(STAMP)
+sweep: $(STAMP) ## static-grid vs learned-threshold sweep (experiment=threshold_grid)
 	$(PY) -m ddtas_lightning.train -m experiment=threshold_grid $(ARGS)
 
-compare: $(STAMP)
+compare: $(STAMP) ## tables, plots and report.md of the latest sweep (SWEEP_DIR=...)
 	$(PY) -m ddtas_lightning.compare $(SWEEP_DIR)
+
+# `make help`: every target with its `##` description.
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
