@@ -105,10 +105,15 @@ class FunctionalModel:
         also records the tangent computations while the pass runs). ``keep_graph=False``: parameters
         are detached first, nothing is recorded; use ``update_buffers=False`` then, unless this pass
         is meant to be the one that updates BatchNorm statistics. ``tangent`` entries missing for a
-        parameter mean a zero direction. The tangent is returned detached.
+        parameter mean a zero direction. The tangent is returned detached. Runs with autocast off
+        (the parameters' precision) under mixed precision.
         """
         params = self.params if params is None else params
-        with forward_ad.dual_level():
+        # Forward mode and autocast do not mix: an eval-mode BatchNorm on a reduced-precision input
+        # gets a float32 tangent beside its bf16/fp16 primal and the next convolution refuses the pair
+        # ("Input type ... and weight type ... should be the same"), under 16-mixed / bf16-mixed. The
+        # pass therefore runs in the parameters' own precision, with autocast off.
+        with torch.autocast(inputs.device.type, enabled=False), forward_ad.dual_level():
             duals = {}
             for name, p in params.items():
                 p = p if keep_graph else p.detach()
