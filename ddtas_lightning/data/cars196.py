@@ -14,7 +14,7 @@ from ddtas_lightning.data.image_dataset import (
     split_classes,
     warn_if_counts_differ,
 )
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
 
 LAYOUT = (
     "<root>/{cars_annos.mat (struct array 'annotations' with fields relative_im_path, bbox_x1, bbox_y1, "
@@ -113,6 +113,7 @@ class Cars196(DatasetSource):
         paths = [self.root / p for p in rel]
         if self.check_images:
             check_images_exist(paths, mat_path, LAYOUT)
+            paths = distinct_images(paths, ys, mat_path)
         self._train_ids = split_classes(class_ids, self.train_classes, str(mat_path))
         self._table = (paths, ys)
         train = [y for y in ys if y in self._train_ids]

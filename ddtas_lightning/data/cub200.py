@@ -13,7 +13,7 @@ from ddtas_lightning.data.image_dataset import (
     split_classes,
     warn_if_counts_differ,
 )
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class CUB200(DatasetSource):
         ys = [int(labels[i]) for i in ids]
         if self.check_images:
             check_images_exist(paths, images_file, LAYOUT)
+            paths = distinct_images(paths, ys, images_file)
         self.class_names = {int(c): str(n) for c, n in classes.items()}
         self._table = (paths, ys)
         self._train_ids = split_classes(classes, self.train_classes, str(classes_file))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ddtas_lightning.data.image_dataset import IMAGE_EXTENSIONS, read_lines
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Folder(DatasetSource):
         if self._table is not None:
             return self._table
         paths, ys = self._scan()
+        paths = distinct_images(paths, ys, self.root)  # a symlinked folder must not relabel images
         ids = {name: cid for cid, name in self.class_names.items()}
         frac = self._fraction()
         if frac is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ddtas_lightning.data.image_dataset import check_images_exist, read_lines, warn_if_counts_differ
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class InShop(DatasetSource):
                         "be answered", len(lonely), lonely[0])
         if self.check_images:
             check_images_exist([p for p, _, _ in rows], path, LAYOUT)
+            real = distinct_images([p for p, _, _ in rows], [y for _, y, _ in rows], path)
+            rows = [(r, y, s) for r, (_, y, s) in zip(real, rows, strict=True)]
         count = {s: sum(1 for _, _, t in rows if t == s) for s in STATUSES}
         warn_if_counts_differ(
             "In-Shop", self.expected_counts,

@@ -6,6 +6,8 @@ their own file layout into :class:`SplitRecords`; :class:`ImageDataset` turns re
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +66,37 @@ class DatasetSource:
 
     def check_split(self, split: str) -> None:
         check_choice("split", split, self.splits)
+
+
+def distinct_images(paths: Sequence[Path], labels: Sequence[int], listed_in: str | Path) -> list[Path]:
+    """``paths`` resolved (absolute, symlinks followed), checked to name each file for one class only.
+
+    A symlink inside a dataset tree (``ln -s <root> <root>/c_link``) or a duplicated line otherwise puts
+    one file under two labels, and, when the labels fall on both sides of a class-disjoint split, train
+    images into the test split. Raises DatasetLayoutError naming the file and both entries."""
+    resolved = [Path(os.path.realpath(p)) for p in paths]
+    first: dict[Path, int] = {}
+    for i, (real, y) in enumerate(zip(resolved, labels, strict=True)):
+        j = first.setdefault(real, i)
+        if j != i and labels[j] != y:
+            raise DatasetLayoutError(
+                f"{listed_in}: image {real} is listed for two classes, as {paths[j]} (class {labels[j]}) and as "
+                f"{paths[i]} (class {y}); expected each image file in one class (a symlinked folder or a "
+                "duplicated entry?)"
+            )
+    return resolved
+
+
+def check_disjoint_splits(splits: dict[str, Sequence[Path]], listed_in: dict[str, str | Path]) -> None:
+    """No resolved image file may appear in two splits (train images leaking into the test split)."""
+    seen: dict[Path, str] = {}
+    for split, paths in splits.items():
+        for p in paths:
+            real = Path(os.path.realpath(p))
+            other = seen.setdefault(real, split)
+            if other != split:
+                raise DatasetLayoutError(
+                    f"image {real} is listed in both the {other} split ({listed_in[other]}) and the {split} "
+                    f"split ({listed_in[split]}); expected disjoint splits (a test image seen in training "
+                    "inflates every test metric)"
+                )

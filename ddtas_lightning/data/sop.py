@@ -6,7 +6,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from ddtas_lightning.data.image_dataset import check_images_exist, read_lines, warn_if_counts_differ
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
+from ddtas_lightning.data.records import (
+    DatasetLayoutError,
+    DatasetSource,
+    SplitRecords,
+    check_disjoint_splits,
+    distinct_images,
+)
 
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
 LAYOUT = (
@@ -77,6 +83,7 @@ class SOP(DatasetSource):
             raise DatasetLayoutError(f"{path} lists no image; expected layout: {LAYOUT}")
         if self.check_images:
             check_images_exist(paths, path, LAYOUT)
+            paths = distinct_images(paths, ys, path)
         return paths, ys, supers
 
     def _parse(self) -> dict[str, tuple[list[Path], list[int]]]:
@@ -94,6 +101,8 @@ class SOP(DatasetSource):
                 f"class ids {sorted(shared)[:5]} appear in both {d / self.files['train']} and "
                 f"{d / self.files['test']}; expected class-disjoint train and test splits"
             )
+        # a test line may reuse a train image under a test class id: the same file in both splits
+        check_disjoint_splits({s: t[0] for s, t in tables.items()}, {s: d / n for s, n in self.files.items()})
         n_train, n_test = len(tables["train"][1]), len(tables["test"][1])
         warn_if_counts_differ(
             "Stanford Online Products", self.expected_counts,
