@@ -6,7 +6,8 @@ the typed checks give (``miner.epsilon=nan``, ``threshold_policy.lr=nan``, ``los
 ...), unless the key is one of :data:`INF_ALLOWED` (none today). No component needs to remember it.
 
 :func:`check_run_values` covers values that otherwise fail with a traceback (``seed=-1``,
-``trainer.max_epochs=1.5``, ``metrics.recall_ks=5``) or only at test time (``dataset.image_size=0``).
+``trainer.max_epochs=1.5``, ``metrics.recall_ks=5``) or only at test time (``dataset.image_size=0``),
+and ``data.small_classes`` (checked here, before the sampler is built at the start of training).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ddtas_lightning.validation import ConfigError, as_int
+from ddtas_lightning.data.sampler import SMALL_CLASSES
+from ddtas_lightning.validation import ConfigError, as_int, check_choice
 
 # Keys where +-inf means something (e.g. "no bound"); NaN is never allowed.
 INF_ALLOWED: frozenset[str] = frozenset()
@@ -66,6 +68,8 @@ def check_run_values(cfg: DictConfig) -> None:
     for key, minimum in (("max_epochs", -1), ("max_steps", -1), ("check_val_every_n_epoch", 1)):
         if trainer.get(key) is not None:
             as_int(f"trainer.{key}", trainer.get(key), minimum)
+    data = cfg.get("data") or {}
+    check_choice("data.small_classes", data.get("small_classes", "replace"), SMALL_CLASSES)
     dataset = cfg.get("dataset") or {}
     if dataset.get("image_size") is not None:
         as_int("dataset.image_size", dataset.get("image_size"), 1)

@@ -100,6 +100,7 @@ class DMLDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
         on_bad_image: str = "fail",
+        small_classes: str = "replace",
         meta_batch_size: int = 10,
         meta_K: int = 2,
         with_meta_batch: bool = False,
@@ -122,6 +123,7 @@ class DMLDataModule(pl.LightningDataModule):
         if num_workers > 0:
             self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.on_bad_image = on_bad_image
+        self.small_classes = small_classes  # PKBatchSampler: replace | exclude (no image twice in a batch)
         self.with_meta_batch = with_meta_batch
         if with_meta_batch:
             if meta_K < 1 or meta_batch_size % meta_K != 0 or meta_batch_size < 2 * meta_K:
@@ -197,6 +199,7 @@ class DMLDataModule(pl.LightningDataModule):
         train = PKBatchSampler(
             self.train_set.labels[:self.meta_offset], self.P, self.K, seed=self.seed,
             batches_per_epoch=self.batches_per_epoch, num_replicas=world, rank=rank,
+            small_classes=self.small_classes,
         )
         if not self.with_meta_batch:
             return train

@@ -9,8 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ddtas_lightning.data.batch_rng import SeededBatch, mix_seed
+from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
+
+SMALL_CLASSES = ("replace", "exclude")  # data.small_classes (see PKBatchSampler)
 
 
 class PKBatchSampler(Sampler[list[int]]):
@@ -19,8 +22,16 @@ class PKBatchSampler(Sampler[list[int]]):
     One epoch is ``batches_per_epoch`` global batches (default: as many as cover the dataset once,
     ``len(labels) // (P * K)``). Classes are taken from successive random permutations of the class
     list, so every class is drawn equally often; within a class, images come from successive random
-    permutations too, so every image is seen before any repeats. A class with fewer than K images is
-    sampled with replacement (reported once).
+    permutations too, so every image is seen before any repeats.
+
+    ``small_classes`` decides what happens to a class with fewer than K images:
+
+    - ``"replace"`` (default, as the official DDTAS / MS code): its K images are drawn *with
+      replacement*, so a batch can hold one image twice and pair it with itself as a "positive" (the
+      self pair is excluded by index, but its copy is not). Reported once as a warning.
+    - ``"exclude"``: such classes are never drawn, and a class's K images are always K different
+      images (also across the boundary between two permutations of a class's images): no image
+      repeats within a batch. The split must keep at least P classes with K images.
 
     DDP: ``num_replicas`` ranks split each global batch by classes, rank r getting the r-th
     contiguous block of P/W classes (P must be divisible by W). One process with batch P x K and W
@@ -45,7 +56,9 @@ class PKBatchSampler(Sampler[list[int]]):
         batches_per_epoch: int | None = None,
         num_replicas: int = 1,
         rank: int = 0,
+        small_classes: str = "replace",
     ) -> None:
+        check_choice("data.small_classes", small_classes, SMALL_CLASSES)
         labels = torch.as_tensor(labels, dtype=torch.long)
         if K < 1:
             raise ValueError(f"data.K (images per class) must be >= 1, got {K}")
@@ -64,7 +77,18 @@ class PKBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.class_members = [torch.nonzero(inverse == c, as_tuple=True)[0] for c in range(len(classes))]
         small = [int(classes[c]) for c, m in enumerate(self.class_members) if len(m) < K]
-        if small:
+        self.no_repeats = small_classes == "exclude"
+        if self.no_repeats and small:
+            self.class_members = [m for m in self.class_members if len(m) >= K]
+            if len(self.class_members) < P:
+                raise ConfigError(
+                    f"data.small_classes=exclude leaves {len(self.class_members)} classes with at least "
+                    f"data.K={K} images, fewer than the P={P} classes a batch needs; use a smaller K or batch, "
+                    "or data.small_classes=replace"
+                )
+            log.warning("P x K sampler: %d class(es) have fewer than K=%d images and are left out "
+                        "(data.small_classes=exclude; e.g. class ids %s)", len(small), K, small[:5])
+        elif small:
             log.warning(
                 "P x K sampler: %d class(es) have fewer than K=%d images and are sampled with replacement "
                 "(e.g. class ids %s)", len(small), K, small[:5],
@@ -119,6 +143,9 @@ class PKBatchSampler(Sampler[list[int]]):
                 queue = image_queues[c]
                 if len(queue) < self.K:
                     queue.extend(members[torch.randperm(len(members), generator=g)].tolist())
+                if self.no_repeats:
+                    batch.append(_take_distinct(queue, self.K))
+                    continue
                 batch.append(queue[: self.K])
                 del queue[: self.K]
             batches.append(batch)
@@ -136,6 +163,25 @@ class PKBatchSampler(Sampler[list[int]]):
             mine = batch[self.rank * share : (self.rank + 1) * share]
             seed = mix_seed(self.seed, epoch, b, self.rank)
             yield SeededBatch([i for members in mine for i in members], seed)
+
+
+def _take_distinct(queue: list[int], k: int) -> list[int]:
+    """The first ``k`` *different* indices of ``queue``, removed from it; an index met again (the
+    leftovers of one permutation followed by the next) stays queued for a later batch."""
+    taken: list[int] = []
+    seen: set[int] = set()
+    rest: list[int] = []
+    for pos, i in enumerate(queue):
+        if len(taken) == k:
+            rest.extend(queue[pos:])
+            break
+        if i in seen:
+            rest.append(i)
+        else:
+            seen.add(i)
+            taken.append(i)
+    queue[:] = rest
+    return taken
 
 
 class WithMetaBatch(Sampler[list[int]]):
