@@ -10,7 +10,15 @@ raises one :class:`~ddtas_lightning.validation.ConfigError` naming ``ckpt_path``
 mismatches, the config groups they belong to and, when the checkpoint's run dir still holds Hydra's
 ``.hydra/config.yaml``, the config values that differ.
 
-Only the ``state_dict`` is checked: other checkpoint entries (optimizer, loops, RNG and sampler state)
+When the model fits, the config is compared too: every checkpoint carries the composed config of the
+run that wrote it (``ddtas_config``, saved by :class:`ddtas_lightning.run_dir.ConfigInCheckpoint`), and
+:func:`check_resume_config` refuses a resume whose config differs in any key outside
+:data:`RESUME_MAY_CHANGE` (where it writes and logs, how long it trains, the hardware, the loader
+processes): ``ckpt_path=last optimizer=sgd`` gets the same "written under another config" error instead
+of ``KeyError: 'momentum'`` from the optimiser state. Through the CLI the same check runs in a Hydra
+callback before Hydra rewrites ``.hydra/config.yaml`` (:mod:`ddtas_lightning.run_dir`).
+
+Apart from that, only the ``state_dict`` is checked: other checkpoint entries (optimizer, loops, RNG and sampler state)
 are Lightning's and the callbacks' business. The file is opened with ``weights_only=True`` and
 ``mmap=True``, so tensors are not read into memory; a checkpoint whose extra entries need a full
 unpickler is not judged here (Lightning loads it as before).
