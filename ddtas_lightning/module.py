@@ -82,6 +82,10 @@ class DMLModule(pl.LightningModule):
         return self.model(images)
 
     # ---- training --------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # policies whose step size follows the run's progress (hypergrad's lr_schedule=run_length)
+        self.policy.set_run_length(int(self.trainer.estimated_stepping_batches))
+
     def on_train_epoch_start(self) -> None:
         # Lightning only calls set_epoch on a *sampler* (or batch_sampler.sampler); our P x K batch
         # sampler is the batch_sampler itself, so the epoch (its seed) is set here.

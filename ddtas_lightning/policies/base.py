@@ -71,6 +71,9 @@ class ThresholdPolicy(nn.Module):
     def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
         raise NotImplementedError
 
+    def set_run_length(self, total_steps: int) -> None:
+        """Called by the module when training starts: the optimiser steps the whole run takes."""
+
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by the module right after the real optimiser step of this step (not when the update
         is skipped): a policy that follows the training trajectory (hypergrad) reads the update here."""

@@ -40,6 +40,7 @@ Single process only (the tangent is not reduced across ranks). Pure torch: no Li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,6 +62,7 @@ from ddtas_lightning.policies.virtual_step import (
 from ddtas_lightning.validation import ConfigError, check_choice
 
 META_PARAMS = ("all", "head")
+LR_SCHEDULES = ("constant", "run_length")
 
 
 def select_parameters(model: nn.Module, which: str) -> Params:
@@ -89,7 +91,10 @@ class HypergradThreshold(MetaThreshold):
     skipped (non-finite, MMSI-style skip) leaves Z unchanged (the hook is not called).
 
     decay: mu in (0, 1] (Z <- mu Z at every step). truncate: reset Z every this many steps (None: never).
-    meta_params: ``all`` | ``head``. Other arguments: as :class:`MetaThreshold` (``init``,
+    meta_params: ``all`` | ``head``.
+    lr_schedule: ``constant`` (``lr`` per step, as ``meta``) | ``run_length`` (see :meth:`step_size`:
+    ``travel`` x the width of [min, max] spread over the run, cosine-annealed; ``lr`` unused).
+    Other arguments: as :class:`MetaThreshold` (``init``,
     ``granularity`` scalar | pos_neg, ``lr``, ``step_rule``, ``betas``, ``eps``, ``min``, ``max``,
     ``meta_threshold``, ``meta_objective`` loss | smooth_ap | nca, ``meta_temperature``).
     Logs: those of :class:`MetaThreshold` (``meta/grad_lambda`` is the hypergradient h) and
@@ -114,6 +119,8 @@ class HypergradThreshold(MetaThreshold):
         meta_params: str = "all",
         meta_objective: str = "loss",
         meta_temperature: float | None = None,
+        lr_schedule: str = "constant",
+        travel: float = 2.0,
     ) -> None:
         # inner_lr=1: the Adam rule's normalisation of the gradient by the virtual step size does not
         # apply (there is no virtual step); the hypergradient is used as it is.
@@ -126,12 +133,38 @@ class HypergradThreshold(MetaThreshold):
         if truncate is not None and int(truncate) < 1:
             raise ConfigError(f"threshold_policy.truncate must be a positive number of steps or null, got {truncate}")
         check_choice("threshold_policy.meta_params", meta_params, META_PARAMS)
+        check_choice("threshold_policy.lr_schedule", lr_schedule, LR_SCHEDULES)
+        if not float(travel) > 0:
+            raise ConfigError(f"threshold_policy.travel must be > 0, got {travel}")
+        self.lr_schedule, self.travel, self.total_steps = lr_schedule, float(travel), None
         self.decay, self.truncate, self.meta_params = float(decay), truncate and int(truncate), meta_params
         self.register_buffer("tangent", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("opt_tangent", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("opt_tangent_sq", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("tangent_steps", torch.zeros((), dtype=torch.long))
         self._pending: tuple[Params, Params, Params, list[Params]] | None = None
+
+    # ---- the step size ---------------------------------------------------------------------------
+    def set_run_length(self, total_steps: int) -> None:
+        self.total_steps = int(total_steps) if total_steps and total_steps > 0 else None
+
+    def step_size(self) -> float:
+        """lr (``constant``) or, with ``run_length``, ``travel * (max - min) / T * (1 + cos(pi t / T))``
+        at optimiser step t of a run of T steps: the summed step sizes are ``travel`` times the width of
+        [min, max] whatever the run length, large first and annealed to 0 at the end (no step size to
+        tune per run length). Before the run length is known (a policy used outside the module): lr."""
+        if self.lr_schedule == "constant" or not self.total_steps:
+            return self.lr
+        t = min(int(self.tangent_steps), self.total_steps)
+        return self.travel * (self.max - self.min) / self.total_steps * (1 + math.cos(math.pi * t / self.total_steps))
+
+    @torch.no_grad()
+    def update(self, grad: Tensor) -> Tensor:
+        lr, self.lr = self.lr, self.step_size()
+        try:
+            return super().update(grad)
+        finally:
+            self.lr = lr
 
     # ---- tangent storage -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -188,3 +188,19 @@ def test_policy_state_stays_float32_under_a_precision_cast(policy_cls, dtype):
     policy = policy_cls(init=0.7, lr=1e-3, step_rule="sign").to(dtype)
     policy.update(torch.tensor(1.0, dtype=dtype))
     assert float(policy.lam) == pytest.approx(0.699, abs=1e-7)  # bf16 would have stayed 0.69921875
+
+
+@pytest.mark.parametrize("total", [100, 1000])
+def test_run_length_schedule_spreads_the_travel_over_the_run(total):
+    policy = HypergradThreshold(init=0.5, lr_schedule="run_length", travel=2.0, min=0.3, max=0.9)
+    assert policy.step_size() == policy.lr  # run length unknown: the constant lr
+    policy.set_run_length(total)
+    sizes = []
+    for t in range(total):
+        policy.tangent_steps.fill_(t)
+        sizes.append(policy.step_size())
+    assert sum(sizes) == pytest.approx(2.0 * 0.6 * (total + 1) / total)
+    assert sizes[0] == pytest.approx(2 * 2.0 * 0.6 / total) and sizes[-1] < sizes[0] * 1e-3
+    policy.tangent_steps.fill_(0)
+    policy.update(torch.tensor(1.0))  # the Adam direction at its first step is 1: lambda moves by step_size
+    assert float(policy.lam) == pytest.approx(0.5 - 2 * 2.0 * 0.6 / total, abs=1e-6)
