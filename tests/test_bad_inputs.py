@@ -229,6 +229,117 @@ def last_absent(ctx: SimpleNamespace) -> None:
     assert resolve_ckpt(cfg, ctx.tmp / "fresh") is None  # starts from scratch
 
 
+# ---- issue 16: run dirs, full disks, NaN, leaking symlinks, image modes, misleading metrics ---------------
+def not_loadable_weights(kind: str) -> Callable[[SimpleNamespace], object]:
+    """``backbone.checkpoint_path`` = a text file, or the state dict of another architecture."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        path = ctx.tmp / "weights.pth"
+        if kind == "text":
+            path.write_text("these are not weights\n")
+        else:
+            import timm
+
+            torch.save(timm.create_model("resnet14t", num_classes=0).state_dict(), path)
+        return config(f"backbone.checkpoint_path={path}")(ctx)
+
+    return run
+
+
+def folder_with_symlinked_class(ctx: SimpleNamespace) -> object:
+    """``ln -s <root> <root>/c_link``: a class folder holding every other class's images."""
+    root = ctx.tmp / "imgs"
+    for i in range(6):
+        write_image(root / f"c{i // 3}" / f"{i}.png", seed=i)
+    os.symlink(root, root / "c_link")
+    return Folder(root, split=0.5).load("train")
+
+
+def sop_test_reuses_train_image(ctx: SimpleNamespace) -> object:
+    d = ctx.tmp / "Stanford_Online_Products"
+    header = "image_id class_id super_class_id path"
+    for split, first in (("train", 1), ("test", 3)):
+        for i in range(4):
+            write_image(d / "bicycle_final" / f"{split}_{i}.JPG", seed=i)
+        lines = [header] + [f"{i + 1} {first + i // 2} 1 bicycle_final/{split}_{i}.JPG" for i in range(4)]
+        if split == "test":  # a test class holding a train image
+            lines.append("5 4 1 bicycle_final/train_0.JPG")
+        (d / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return SOP(d).load("test")
+
+
+def run_dir_in_use(ctx: SimpleNamespace) -> object:
+    from ddtas_lightning.run_dir import acquire_lock, release_lock
+
+    fd = acquire_lock(ctx.tmp)  # the first run, alive
+    try:
+        return acquire_lock(ctx.tmp)
+    finally:
+        release_lock(fd)
+
+
+def read_only_run_dir(ctx: SimpleNamespace) -> object:
+    import errno
+    from unittest import mock
+
+    from ddtas_lightning import run_dir
+
+    erofs = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    with mock.patch.object(run_dir.tempfile, "NamedTemporaryFile", side_effect=erofs):
+        return config()(ctx)
+
+
+def disk_full_checkpoint(ctx: SimpleNamespace) -> object:
+    """A save that hits ENOSPC: one error, and the previous last.ckpt intact (tests/test_run_faults.py runs
+    the same inside training)."""
+    import errno
+    from unittest import mock
+
+    from ddtas_lightning import checkpointing
+
+    path = ctx.tmp / "checkpoints" / "last.ckpt"
+    checkpointing.atomic_torch_save({"step": 1}, path)
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        with mock.patch.object(checkpointing._RecordingFile, "write", side_effect=enospc):
+            checkpointing.atomic_torch_save({"step": 2}, path)
+    finally:
+        assert torch.load(path, weights_only=True)["step"] == 1 and list(path.parent.iterdir()) == [path]
+
+
+def sixteen_bit_png(ctx: SimpleNamespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ddtas_lightning.data.image_dataset import open_rgb
+
+    v = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(v).save(ctx.tmp / "deep.png")
+    got = np.asarray(open_rgb(ctx.tmp / "deep.png"))[..., 0]
+    assert Image.open(ctx.tmp / "deep.png").mode == "I;16"
+    np.testing.assert_array_equal(got, np.rint(v / 257.0).astype(np.uint8))  # scaled: v * 255 / 65535
+
+
+def recall_k_above_gallery(ctx: SimpleNamespace) -> None:
+    """R@1000 on a 36-image test split is 100% by construction: a warning in the log, once per split."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ddtas_lightning.metrics_checks")
+    logger.addHandler(handler)
+    try:
+        config("metrics.recall_ks=[1,1000]", "evaluate_before_training=true")(ctx)
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    test = [m for m in messages if " on the test split, " in m]
+    assert len(test) == 1 and test[0].startswith("metrics.recall_ks: R@1000 on the test split, whose queries each "
+                                                 "rank only 35 gallery items"), messages
+    assert len(messages) == len({m.split(" split,")[0] for m in messages})  # once per split
+
+
 C, E, L = "config value", "config group", "dataset layout"
 POLICY = "threshold_policy=meta"
 CASES = [
@@ -252,8 +363,8 @@ CASES = [
          ConfigError, r"backbone.model_name has no value \('\?\?\?'\); set it",
          "backbone.model_name has no value ('???'); set it on the command line, e.g. backbone.model_name=<value>", 2),
     # ---- top-level, data.*, metrics.*, optimizer, module, trainer ----
-    Case("seed", C, "`seed=abc`", config("seed=abc"), ConfigError, r"seed must be an integer, got 'abc'",
-         "seed must be an integer, got 'abc'", 2),
+    Case("seed", C, "`seed=abc`", config("seed=abc"), ConfigError, r"seed must be an integer >= 0, got 'abc'",
+         "seed must be an integer >= 0, got 'abc'", 2),
     Case("batch-K", C, "`data.K=1`", config("data.K=1"), ConfigError,
          r"data.K \(images per class in a batch\) must be >= 2, got 1",
          "data.K (images per class in a batch) must be >= 2, got 1", 2),
@@ -320,6 +431,27 @@ CASES = [
             ConfigError, r"trainer.accelerator=gpu but no CUDA device is available; use trainer=cpu",
             "trainer.accelerator=gpu but no CUDA device is available; use trainer=cpu or trainer.accelerator=auto",
             2)] if not torch.cuda.is_available() else []),
+    Case("seed-negative", C, "`seed=-1`", config("seed=-1"), ConfigError, r"seed must be an integer >= 0, got -1",
+         "seed must be an integer >= 0, got -1", 2),
+    Case("recall-ks-not-a-list", C, "`metrics.recall_ks=5`", config("metrics.recall_ks=5"), ConfigError,
+         r"metrics.recall_ks must be a non-empty list of integers >= 1, got 5 \(e.g. metrics.recall_ks=\[5\]",
+         "metrics.recall_ks must be a non-empty list of integers >= 1, got 5 (e.g. metrics.recall_ks=[5] for one K)", 2),
+    Case("max-epochs-not-int", C, "`trainer.max_epochs=1.5`", config("trainer.max_epochs=1.5"), ConfigError,
+         r"trainer.max_epochs must be an integer >= -1, got 1.5", "trainer.max_epochs must be an integer >= -1, got 1.5",
+         2),
+    Case("image-size", C, "`dataset.image_size=0`", config("dataset.image_size=0"), ConfigError,
+         r"dataset.image_size must be an integer >= 1, got 0", "dataset.image_size must be an integer >= 1, got 0", 2),
+    Case("small-classes", C, "`data.small_classes=never`", config("data.small_classes=never"), ConfigError,
+         r"data.small_classes must be one of \('replace', 'exclude'\), got 'never'",
+         "data.small_classes must be one of ('replace', 'exclude'), got 'never'", 2),
+    *[Case(f"nan-{key.replace('.', '-').replace('_', '-')}", C, f"`{' '.join(pre)} {key}={bad}`".replace("` ", "`"),
+           config(*pre, f"{key}={bad}"), ConfigError,
+           rf"{re.escape(key)} must be a number, got {bad} \(NaN and infinity are not allowed\)",
+           f"{key} must be a number, got {bad} (NaN and infinity are not allowed)", 2)
+      for pre, key, bad in (((), "miner.epsilon", "nan"), (("miner=asms",), "miner.margin", "nan"),
+                            ((POLICY,), "threshold_policy.inner_lr", "nan"), ((POLICY,), "threshold_policy.lr", "nan"),
+                            ((POLICY,), "threshold_policy.init", "nan"), ((), "loss.threshold", "inf"),
+                            ((), "optimizer.lr", "inf"))],
     # ---- dataset / transform / backbone options ----
     Case("synthetic-background", C, "`dataset.source.background=striped`",
          config("dataset.source.background=striped"), ConfigError,
@@ -349,6 +481,21 @@ CASES = [
          r"backbone.checkpoint_path: weights file /nonexistent/w.pth does not exist",
          "backbone.checkpoint_path: weights file /nonexistent/w.pth does not exist (expected a local "
          ".pth/.safetensors state dict for the timm model)", 2),
+    Case("backbone-checkpoint-text-file", C, "`backbone.checkpoint_path=` a text file",
+         not_loadable_weights("text"), ConfigError,
+         r"backbone.checkpoint_path: cannot load .*weights.pth into the timm model 'resnet10t' \(.*\); expected a "
+         r".pth/.safetensors state dict of that architecture",
+         "backbone.checkpoint_path: cannot load <path>/weights.pth into the timm model 'resnet10t' (UnpicklingError: "
+         "...); expected a .pth/.safetensors state dict of that architecture (or set backbone.model_name to the one "
+         "the weights are for)", 2),
+    Case("backbone-checkpoint-other-arch", C, "`backbone.checkpoint_path=` resnet14t weights for `resnet10t`",
+         not_loadable_weights("arch"), ConfigError,
+         r"backbone.checkpoint_path: cannot load .*weights.pth into the timm model 'resnet10t' \(RuntimeError: "
+         r"Error\(s\) in loading state_dict",
+         "backbone.checkpoint_path: cannot load <path>/weights.pth into the timm model 'resnet10t' (RuntimeError: "
+         "Error(s) in loading state_dict for ResNet: Unexpected key(s) in state_dict: ...); expected a "
+         ".pth/.safetensors state dict of that architecture (or set backbone.model_name to the one the weights "
+         "are for)", 2),
     # ---- loss / miner options ----
     Case("loss-threshold", C, "`loss.threshold=abc`", config("loss.threshold=abc"), ConfigError,
          r"loss.threshold must be a number, got 'abc'", "loss.threshold must be a number, got 'abc'", 2),
@@ -470,6 +617,19 @@ CASES = [
          DatasetLayoutError, r"CUB_200_2011 exists but has no .*: it is not a synthetic tree .* will not be overwritten",
          "<root>/CUB_200_2011 exists but has no synthetic_manifest.json: it is not a synthetic tree (the real "
          "CUB-200-2011?) and will not be overwritten; point the synthetic dataset's root elsewhere", 2),
+    Case("folder-symlinked-class", L, "`ln -s <root> <root>/c_link` in a `dataset=folder` tree",
+         folder_with_symlinked_class, DatasetLayoutError,
+         r": image .*0.png is listed for two classes, as .*c0/0.png \(class 0\) and as .*c_link/c0/0.png "
+         r"\(class 2\); expected each image file in one class",
+         "<root>: image <root>/c0/0.png is listed for two classes, as <root>/c0/0.png (class 0) and as "
+         "<root>/c_link/c0/0.png (class 2); expected each image file in one class (a symlinked folder or a "
+         "duplicated entry?)", 2),
+    Case("sop-test-reuses-train-image", L, "an `Ebay_test.txt` line naming a train image",
+         sop_test_reuses_train_image, DatasetLayoutError,
+         r"image .*train_0.JPG is listed in both the train split \(.*Ebay_train.txt\) and the test split",
+         "image <root>/bicycle_final/train_0.JPG is listed in both the train split (<root>/Ebay_train.txt) and "
+         "the test split (<root>/Ebay_test.txt); expected disjoint splits (a test image seen in training inflates "
+         "every test metric)", 2),
     # ---- corrupt images ----
     Case("corrupt-image-fail", "corrupt image", "an undecodable image, `data.on_bad_image=fail` (default)",
          corrupt_fail, DatasetLayoutError,
@@ -491,6 +651,10 @@ CASES = [
          r"2 of 6 images are unreadable: .*1.png .*4.png .*set data.on_bad_image=skip",
          "2 of 6 images are unreadable: <root>/c0/1.png (...); <root>/c1/4.png (...). Expected readable image "
          "files; re-extract the dataset or set data.on_bad_image=skip", 2),
+    Case("image-16-bit", "image mode", "a 16-bit PNG (mode `I;16`; also `I`, `F`, `CMYK`, `LA`, `P`)",
+         sixteen_bit_png, None, r"scaled",
+         "not an error: scaled to 8 bits from its full range (`round(v * 255 / 65535)`; PIL's own conversion "
+         "clipped 99.6% of the pixels to 255), see `ddtas_lightning.data.image_dataset.to_rgb8`", 0),
     # ---- empty mining ----
     Case("empty-selection-every-loss", "empty mining", "every `loss=` on a selection with no pair",
          empty_selection_every_loss, None, r"exactly 0",
@@ -547,6 +711,39 @@ CASES = [
          "not match the model built now from config group(s) backbone (3 shape mismatches: ...; 15 missing from "
          "the checkpoint: model.backbone.layer1.1.bn1.bias, ... (and 10 more)); config values that differ: "
          "backbone.model_name: 'resnet10t' in the checkpoint's run, 'resnet14t' here. ...", 2),
+    Case("ckpt-changed-config", "checkpoint", "resume with `ckpt_path=last optimizer=sgd` (the same model; through the CLI refused before `.hydra/` is rewritten)",
+         config("ckpt_path={ckpt}", "optimizer=sgd"), ConfigError,
+         r"ckpt_path: checkpoint .*last.ckpt was written under another config: config values that differ: "
+         r"optimizer._target_: 'torch.optim.Adam' in the checkpoint's run, 'torch.optim.SGD' here",
+         "ckpt_path: checkpoint <run>/checkpoints/last.ckpt was written under another config: config values that "
+         "differ: optimizer._target_: 'torch.optim.Adam' in the checkpoint's run, 'torch.optim.SGD' here; "
+         "optimizer.lr: ... Resume with the config of the run that wrote it (a resume may change only where it "
+         "writes, how long it trains, the hardware and the loader processes), or start a new run without "
+         "ckpt_path", 2),
+    # ---- the run dir ----
+    Case("run-dir-in-use", "run dir", "a second run in the run dir of a live one (`hydra.run.dir=D` twice)",
+         run_dir_in_use, ConfigError,
+         r"hydra.run.dir: .* is in use by another run \(pid \d+ on .* holds .*\.run\.lock\)",
+         "hydra.run.dir: <run> is in use by another run (pid 1234 on <host> holds <run>/.run.lock); two runs in "
+         "one dir would overwrite each other's logs and checkpoints. Wait for it to end, or choose another "
+         "hydra.run.dir (the default name is unique per start)", 2),
+    Case("run-dir-read-only", "run dir", "a read-only run dir (EROFS)", read_only_run_dir, ConfigError,
+         r"paths.output_dir: cannot write to .*run \(Read-only file system\); the run needs a writable directory",
+         "paths.output_dir: cannot write to <root>/run (Read-only file system); the run needs a writable directory for "
+         "its logs and checkpoints: choose another hydra.run.dir (or free space)", 2),
+    Case("checkpoint-disk-full", "run dir", "the disk fills up during a checkpoint save (ENOSPC)",
+         disk_full_checkpoint, ConfigError,
+         r"cannot write checkpoint .*last.ckpt: No space left on device \(errno 28, ENOSPC\); the previous "
+         r".*last.ckpt is kept",
+         "cannot write checkpoint <run>/checkpoints/last.ckpt: No space left on device (errno 28, ENOSPC); the "
+         "previous <run>/checkpoints/last.ckpt is kept. Free space on (or make writable) <run>/checkpoints, or "
+         "choose another hydra.run.dir; the run can be resumed from its last checkpoint with ckpt_path=last", 2),
+    # ---- metrics ----
+    Case("recall-k-above-gallery", "metric", "`metrics.recall_ks=[1,1000]` on a 36-image test split",
+         recall_k_above_gallery, None, r"warning",
+         "not an error: R@1000 is computed (100% by construction) and one warning per split says so in the log: "
+         "`metrics.recall_ks: R@1000 on the test split, whose queries each rank only 35 gallery items: R@K = 100% "
+         "by construction for K >= 35 and says nothing about the model; use K < 35`", 0),
 ]
 
 
