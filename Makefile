@@ -25,8 +25,21 @@ test: $(STAMP) ## fast tests (not marked slow); ARGS passes pytest options
 test-full: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP) ## run every benchmarks/bench_*.py
-	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+# One run prints every step-cost ratio of issue 15 against the static step measured in the same run (meta:
+# jvp, exact, head-only, every=k; mmsi/pair_weight jvp), with peak memory and each variant's lower bound,
+# then the data-pipeline, miner and evaluation tables (a few minutes on 2 cores; BENCH_FLAGS=--quick: less).
+BENCH_FLAGS ?=
+bench: $(STAMP) ## step-cost ratios vs the static step, data pipeline, miners, evaluation (BENCH_FLAGS=--quick)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_meta_step.py $(BENCH_FLAGS)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_mmsi_step.py $(BENCH_FLAGS)
+	$(PY) benchmarks/bench_data.py $(BENCH_FLAGS)
+	$(PY) benchmarks/bench_miners.py
+	$(PY) benchmarks/bench_eval.py --quick
+
+# The CUDA path in one table (< 5 min on one GPU); without CUDA every row says "no CUDA device: skipped", exit 0.
+.PHONY: gpu-check
+gpu-check: $(STAMP) ## GPU check table (ARGS=--no-compile skips torch.compile)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(PY) -m ruff check ddtas_lightning tests benchmarks
