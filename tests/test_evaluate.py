@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_train_cli import REPO, TINY_DATA, run_cli
+from tests.test_train_cli import REPO, run_cli
 
 N_WORST, N_RANDOM, TOP_K, THUMB = 3, 2, 4, 40
 

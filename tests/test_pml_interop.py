@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from ddtas_lightning.losses import MultiSimilarityLoss, SoftContrastiveLoss
+from ddtas_lightning.losses import MultiSimilarityLoss
 from ddtas_lightning.losses.pml import PMLLoss, as_pml_loss
-from ddtas_lightning.miners import AdaptiveToleranceASMS, MultiSimilarityMiner, NSPAMiner, PairSelection
+from ddtas_lightning.miners import MultiSimilarityMiner, PairSelection
 from ddtas_lightning.miners.pml import PMLMiner, as_pml_miner
 from ddtas_lightning.train import ConfigError, train
 

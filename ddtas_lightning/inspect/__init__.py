@@ -6,7 +6,12 @@ Pure numpy / torch / PIL / matplotlib code on already computed embeddings; ``eva
 
 from ddtas_lightning.inspect.embedding_map import embedding_map
 from ddtas_lightning.inspect.exports import export_embeddings, load_exports
-from ddtas_lightning.inspect.gallery import gallery_rows, render_gallery_html, render_gallery_png, select_queries
+from ddtas_lightning.inspect.gallery import (
+    gallery_rows,
+    render_gallery_html,
+    render_gallery_png,
+    select_queries,
+)
 
 __all__ = [
     "embedding_map",

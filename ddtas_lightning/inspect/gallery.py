@@ -116,8 +116,8 @@ def render_gallery_html(rows: list[dict], path: str | Path, thumb: int = 128, ti
                         ) -> Path:
     """A self-contained HTML page (thumbnails embedded as base64 JPEG), one table row per query."""
     css = ("body{font-family:sans-serif}td{text-align:center;font-size:12px;padding:2px}"
-           "img{border:4px solid;display:block}.q img{border-color:rgb%s}.ok img{border-color:rgb%s}"
-           ".bad img{border-color:rgb%s}" % (QUERY, RIGHT, WRONG))
+           f"img{{border:4px solid;display:block}}.q img{{border-color:rgb{QUERY}}}"
+           f".ok img{{border-color:rgb{RIGHT}}}.bad img{{border-color:rgb{WRONG}}}")
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>"
            "<p>Blue: query; green: neighbour of the same class; red: another class. Worst = lowest AP@R.</p><table>"]
