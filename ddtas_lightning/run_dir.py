@@ -102,13 +102,25 @@ def check_writable(directory: str | Path, what: str = "paths.output_dir") -> Non
                           "for its logs and checkpoints: choose another hydra.run.dir (or free space)") from None
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID")
+
+
+def secondary_rank() -> bool:
+    """A DDP process other than rank 0 (started by Lightning, srun or submitit with the rank in its
+    environment): it shares rank 0's run dir, so it must not take the lock rank 0 holds."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in RANK_VARIABLES)
+
+
 class RunDirGuard(Callback):
-    """Hydra callback: the run dir's lock, writability and resume-config check (see the module doc)."""
+    """Hydra callback: the run dir's lock, writability and resume-config check (see the module doc).
+    Only rank 0 of a multi-process (DDP) run takes the lock: the other ranks share its dir."""
 
     def __init__(self) -> None:
         self._fd: int | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if secondary_rank():
+            return
         run_dir = Path(str(config.hydra.run.dir))
         try:
             self._fd = acquire_lock(run_dir)
@@ -131,8 +143,8 @@ class RunDirGuard(Callback):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            return  # single runs were locked in on_run_start
+        if HydraConfig.get().mode != RunMode.MULTIRUN or secondary_rank():
+            return  # single runs were locked in on_run_start; other DDP ranks share rank 0's dir
         try:  # a job dir in use means another sweep writes this sweep dir: stop this sweep
             self._fd = acquire_lock(HydraConfig.get().runtime.output_dir)
         except ConfigError as e:

@@ -26,9 +26,11 @@ from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
 from ddtas_lightning.evaluate import per_class_json, run_evaluation
 from ddtas_lightning.run_output import progress_options, show_config
 from ddtas_lightning.checkpointing import with_atomic_checkpoint_io
-from ddtas_lightning.data.datamodule import DMLDataModule, check_batch_shape
+from ddtas_lightning.cluster import cluster_plugins
+from ddtas_lightning.data.datamodule import SELECTIONS, DMLDataModule, check_batch_shape
 from ddtas_lightning.data.image_dataset import BAD_IMAGE_MODES
 from ddtas_lightning.module import DMLModule, NonFiniteLossError
+from ddtas_lightning.run_record import ComputeMeter, ValidationHistory, process_cpu_s
 from ddtas_lightning.validation import ConfigError, as_float, as_int, check_choice
 from ddtas_lightning.config_checks import check_run_values
 from ddtas_lightning.run_dir import check_run_dir_writable, run_callbacks
@@ -53,6 +55,10 @@ def validate_config(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     as_float("data.val_fraction", data.val_fraction, 0.0, 1.0, high_open=True)
+    check_choice("data.selection", data.selection, SELECTIONS)
+    if data.val_folds is not None:
+        as_int("data.val_folds", data.val_folds, 2)
+    as_int("data.val_fold", data.val_fold, 0)
     check_choice("data.on_bad_image", data.on_bad_image, BAD_IMAGE_MODES)
     if data.batches_per_epoch is not None:
         as_int("data.batches_per_epoch (null: one pass over the train images)", data.batches_per_epoch, 1)
@@ -141,10 +147,17 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     # Checkpoint files are written atomically (a kill mid-save keeps the previous last.ckpt), unless
     # the trainer config chooses its own CheckpointIO plugin.
     plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins")))
+    plugins += cluster_plugins()  # DDP ranks started by a submitit sweep job join, not re-launch
     callbacks += run_callbacks(cfg)  # config saved in checkpoints, last.ckpt at SIGTERM/SIGINT, R@K check
+    # What metrics.json records about the run itself (compute, the selected checkpoint's val metrics).
+    callbacks += [ComputeMeter(), ValidationHistory()]
     # Output that is not a terminal (a log file, SLURM) gets one progress line per N steps, not bar frames.
     progress = progress_options(cfg.trainer, callbacks)
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, **progress)
+
+
+def _callback(trainer: pl.Trainer, kind: type):
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def resolve_ckpt(cfg: DictConfig, output_dir: Path, module: pl.LightningModule | None = None) -> str | None:
@@ -171,6 +184,21 @@ def _floats(d: dict) -> dict:
     return {k: float(v) for k, v in d.items()}
 
 
+def evaluate_untrained(trainer: pl.Trainer, module: DMLModule, datamodule: DMLDataModule, output_dir: Path,
+                       resuming: str | None) -> dict:
+    """Test metrics of the untrained model, kept in ``untrained.json`` so a resumed run reuses them
+    (the model a resume builds first is not the one it continues, and the evaluation costs compute)."""
+    saved = output_dir / "untrained.json"
+    if resuming and saved.is_file():
+        return json.loads(saved.read_text())
+    module.test_prefix = "untrained"
+    metrics = _floats(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+    module.test_prefix = "test"
+    if trainer.is_global_zero:
+        saved.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
 def train(cfg: DictConfig) -> float:
     """Run one experiment; returns the best validation R@1."""
     validate_config(cfg)
@@ -182,13 +210,13 @@ def train(cfg: DictConfig) -> float:
     datamodule, module = build(cfg)
     ckpt_path = resolve_ckpt(cfg, output_dir, module)  # before any work: a bad checkpoint fails fast
     trainer = build_trainer(cfg)
-    started = time.perf_counter()
-    results: dict = {"task_name": cfg.task_name, "seed": int(cfg.seed)}
+    started, cpu_started = time.perf_counter(), process_cpu_s()
+    results: dict = {"task_name": cfg.task_name, "seed": int(cfg.seed),
+                     # where checkpoints (and so sweep picks) were chosen; "test" is the papers' protocol
+                     "selection": str(cfg.data.selection)}
 
     if cfg.evaluate_before_training:
-        module.test_prefix = "untrained"
-        results["untrained"] = _floats(trainer.test(module, datamodule=datamodule, verbose=False)[0])
-        module.test_prefix = "test"
+        results["untrained"] = evaluate_untrained(trainer, module, datamodule, output_dir, resuming=ckpt_path)
 
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -201,18 +229,33 @@ def train(cfg: DictConfig) -> float:
         results["best_val_R@1"] = float(ckpt_cb.best_model_score)
     else:
         results["best_val_R@1"] = results["val"].get("val/R@1", float("nan"))
+    results["val_at_best"] = _callback(trainer, ValidationHistory).best()
+    results["compute"] = _callback(trainer, ComputeMeter).summary()
     if cfg.test_after_training:
         ckpt = best if best else None
         final = run_evaluation(trainer, module, datamodule, ckpt_path=ckpt)  # the code evaluate.py runs
         results["test"], results["test_per_class"] = final.metrics, per_class_json(final.per_class)
         results["best_checkpoint"] = best
+        if trainer.is_global_zero and final.per_query is not None:
+            save_per_query(output_dir / "per_query_test.npz", final.per_query)  # compare's bootstrap
     results["global_steps"] = int(trainer.global_step)
     results["nonfinite_skipped"] = int(module.nonfinite_total)
     results["wall_time_s"] = time.perf_counter() - started
+    results["compute"]["run_cpu_s"] = process_cpu_s() - cpu_started  # this process: + evaluations
     if trainer.is_global_zero:
         write_metrics(output_dir, cfg, results)
         print_summary(results)
     return results["best_val_R@1"]
+
+
+def save_per_query(path: Path, per_query: dict) -> None:
+    """Every test query's dataset index, R@1 hit and AP@R (``compare`` bootstraps over them)."""
+    import numpy as np
+
+    arrays = {k: per_query[k].detach().cpu().numpy() for k in ("ids", "R@1", "MAP@R") if k in per_query}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
 
 
 def write_metrics(output_dir: Path, cfg: DictConfig, results: dict) -> Path:
@@ -290,9 +333,18 @@ def main(cfg: DictConfig) -> float:
         if code is None:
             raise
         print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        _to_log_files(f"error: {_root_cause(exc)}")  # the job's log file, where compare finds it
         if _in_multirun():
             raise  # Hydra records the job as failed and the sweep goes on (compare reports it)
         sys.exit(code)
+
+
+def _to_log_files(message: str) -> None:
+    """``message`` into the run's log files only (Hydra's job log), not a second time on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _overrides() -> list[str]:

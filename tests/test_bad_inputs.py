@@ -381,11 +381,28 @@ CASES = [
     Case("val-fraction-range", C, "`data.val_fraction=1.5`", config("data.val_fraction=1.5"), ConfigError,
          r"data.val_fraction must be a number in \[0.0, 1.0\), got 1.5",
          "data.val_fraction must be a number in [0.0, 1.0), got 1.5", 2),
-    Case("val-fraction-empty-side", C, "`data.val_fraction=0.05` (rounds to 0 of 4 classes)",
+    Case("val-fraction-empty-side", C, "`data.val_fraction=0.05` (rounds to 0 of 6 classes)",
          config("data.val_fraction=0.05"), ConfigError,
-         r"data.val_fraction=0.05 leaves 0 of 4 train classes for validation; use 0",
-         "data.val_fraction=0.05 leaves 0 of 4 train classes for validation; use 0 (validate on the test split) "
-         "or a fraction giving at least 1 class to each side", 2),
+         r"data.val_fraction=0.05 leaves 0 of 6 train classes for validation; use a fraction",
+         "data.val_fraction=0.05 leaves 0 of 6 train classes for validation; use a fraction giving at least "
+         "1 class to each side, data.val_folds=k, or data.selection=test (the papers' protocol: select on the "
+         "test classes)", 2),
+    Case("val-fraction-zero", C, "`data.val_fraction=0` (the old spelling of test-set selection)",
+         config("data.val_fraction=0"), ConfigError,
+         r"data.val_fraction=0 leaves 0 of 6 train classes for validation",
+         "data.val_fraction=0 leaves 0 of 6 train classes for validation; use a fraction giving at least "
+         "1 class to each side, data.val_folds=k, or data.selection=test (the papers' protocol: select on the "
+         "test classes)", 2),
+    Case("selection-choice", C, "`data.selection=train`", config("data.selection=train"), ConfigError,
+         r"data.selection must be one of \('val', 'test'\), got 'train'",
+         "data.selection must be one of ('val', 'test'), got 'train'", 2),
+    Case("val-folds-too-many", C, "`data.val_folds=7` on 6 train classes", config("data.val_folds=7"),
+         ConfigError, r"data.val_folds=7 must be an integer in \[2, 6\]",
+         "data.val_folds=7 must be an integer in [2, 6] (the train split has 6 classes) or null", 2),
+    Case("val-fold-outside", C, "`data.val_folds=3 data.val_fold=3`",
+         config("data.val_folds=3", "data.val_fold=3"), ConfigError,
+         r"data.val_fold=3 must be an integer in \[0, 2\]",
+         "data.val_fold=3 must be an integer in [0, 2] (data.val_folds=3)", 2),
     Case("on-bad-image", C, "`data.on_bad_image=ignore`", config("data.on_bad_image=ignore"), ConfigError,
          r"data.on_bad_image must be one of \('fail', 'skip'\), got 'ignore'",
          "data.on_bad_image must be one of ('fail', 'skip'), got 'ignore'", 2),

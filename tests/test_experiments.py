@@ -48,7 +48,7 @@ COMMON = {
     "optimizer.lr": 1e-5,
     "optimizer.weight_decay": 5e-4,
     "scheduler": {},
-    "data.val_fraction": 0.0,
+    "data.selection": "test",
     "data.batches_per_epoch": None,
 }
 DDTAS = {

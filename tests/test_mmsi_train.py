@@ -91,7 +91,7 @@ COMMON = {
     "transform._target_": "ddtas_lightning.data.transforms.BNInceptionTransform", "transform.image_size": 227,
     "optimizer._target_": "torch.optim.Adam", "optimizer.lr": 1e-5, "optimizer.weight_decay": 5e-4,
     "scheduler": {}, "data.batch_size": 80, "data.K": 5, "data.meta_batch_size": 10,
-    "data.val_fraction": 0.0, "data.batches_per_epoch": None,
+    "data.selection": "test", "data.batches_per_epoch": None,
     "threshold_policy._target_": "ddtas_lightning.policies.MMSI", "threshold_policy.meta_K": 1,
     "threshold_policy.inner_lr": 1e-5,
 }

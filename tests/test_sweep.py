@@ -35,7 +35,8 @@ EXPECTED = {
     "mmsi": ("dynamic", 0.7, 0.1, "MMSI", "ASMS"),
 }
 # Tiny runs: 4 train classes (3 steps an epoch), meta batch 2 classes x 2.
-SMALL = [*TINY_DATA, "data.meta_batch_size=4", "trainer.max_epochs=1", "trainer.accelerator=cpu"]
+SMALL = [*TINY_DATA, "data.meta_batch_size=4", "data.batches_per_epoch=null", "trainer.max_epochs=1",
+         "trainer.accelerator=cpu"]
 
 
 def test_every_arm_has_expectations_and_is_swept():
@@ -68,19 +69,56 @@ def sweep_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_point_sweep_basic_launcher_then_compare(tmp_path, capsys):
+def tpe_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "ddtas_lightning.train", "-m", "hparams_search=threshold_tpe",
+         f"paths.data_dir={cwd}/data", *SMALL, *overrides],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
+    )
+
+
+def test_two_point_sweep_and_a_tpe_study_then_compare(tmp_path, capsys):
     proc = sweep_cli("arm=lambda_0.3,meta", "seed=0", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]
     assert [r["choices"]["threshold_policy"] for r in runs] == ["StaticThreshold", "MetaThreshold"]
     assert [r["loss_threshold"] for r in runs] == [0.3, 0.7]
+    assert all(r["selection"] == "val" and r["compute"]["fit_cpu_s"] > 0 for r in runs)
 
+    # Optuna TPE over (lambda, m), objective = validation R@1: 2 trials, then the same command with the
+    # same sweep dir continues the persistent study to 3 (one more trial, not three).
+    tpe = tmp_path / "tpe"
+    for n in (2, 3):
+        proc = tpe_cli(f"hydra.sweep.dir={tpe}", f"hydra.sweeper.n_trials={n}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads((tpe / "optuna.json").read_text())
+    assert [t["number"] for t in study["trials"]] == [0, 1, 2] and study["sampler"] == "TPE"
+    assert all(t["state"] == "COMPLETE" for t in study["trials"])
+    for t in study["trials"]:  # the trial's objective is its run's best validation R@1; its params its config
+        metrics = json.loads((tpe / str(t["number"]) / "metrics.json").read_text())
+        assert t["value"] == pytest.approx(metrics["best_val_R@1"])
+        assert metrics["loss_threshold"] == pytest.approx(t["params"]["loss.threshold"])
+        assert 0.1 <= t["params"]["loss.threshold"] <= 0.95 and 0.02 <= t["params"]["miner.margin"] <= 0.3
+
+    assert compare_main([str(tmp_path / "sweep"), str(tpe)]) == 0
+    out = capsys.readouterr().out
+    assert "grid search, chosen on validation per seed (headline): lambda_0.3" in out
+    assert "dynamic meta: ΔR@1" in out and "0 failed" in out
+    assert "TPE tpe (seed 0): 3 trials" in out and "at the compute of one meta run" in out
+    report = tmp_path / "sweep" / "report"
+    assert (report / "report.md").is_file()
+    for name in ("r1_vs_threshold.png", "lambda_curves.png", "quality_vs_compute.png", "tpe_best_so_far.png",
+                 "val_vs_test.png"):
+        assert (report / name).is_file(), name
+
+
+def test_a_failed_job_is_reported_with_its_error_line(tmp_path, capsys):
+    proc = sweep_cli("arm=lambda_0.3", "seed=0", "data.K=2,1", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode != 0  # Hydra reports the failed job after the sweep
     assert compare_main([str(tmp_path / "sweep")]) == 0
     out = capsys.readouterr().out
-    assert "best static: lambda_0.3" in out and "dynamic meta:" in out and "0 failed" in out
-    assert (tmp_path / "sweep" / "report" / "report.md").is_file()
-    assert (tmp_path / "sweep" / "report" / "r1_vs_threshold.png").is_file()
-    assert (tmp_path / "sweep" / "report" / "lambda_curves.png").is_file()
+    assert "1 failed" in out and "error: data.K (images per class in a batch) must be >= 2, got 1" in out
 
 
 def test_two_point_sweep_submitit_local_and_a_requeued_job_resumes_in_its_run_dir(tmp_path):

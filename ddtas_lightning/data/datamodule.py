@@ -17,17 +17,39 @@ from ddtas_lightning.validation import ConfigError
 log = logging.getLogger(__name__)
 
 
-def split_off_classes(records: SplitRecords, fraction: float) -> tuple[SplitRecords, SplitRecords]:
-    """Class-disjoint train/val split of a train split: the last ``fraction`` of the sorted class ids
-    become the validation classes (deterministic, no randomness to record)."""
-    classes = sorted(set(records.labels))
-    n_val = round(len(classes) * fraction)
-    if not 0 < n_val < len(classes):
+SELECTIONS = ("val", "test")  # where checkpoints and grid points are chosen (data.selection)
+
+
+def validation_classes(classes: list, fraction: float, folds: int | None = None, fold: int = 0) -> list:
+    """The held-out validation classes among the sorted train ``classes``.
+
+    ``folds=k``: the classes cut into k contiguous, class-disjoint blocks (MLRC's cross-validation
+    folds, Musgrave et al. 2020), block ``fold`` validates; ``folds=None``: the last ``fraction`` of
+    the classes (the same block as fold k-1 of k when fraction = 1/k). Deterministic: nothing to record.
+    """
+    n = len(classes)
+    if folds is not None:
+        if not 2 <= folds <= n:
+            raise ConfigError(f"data.val_folds={folds} must be an integer in [2, {n}] (the train split has "
+                              f"{n} classes) or null")
+        if not 0 <= fold < folds:
+            raise ConfigError(f"data.val_fold={fold} must be an integer in [0, {folds - 1}] "
+                              f"(data.val_folds={folds})")
+        return classes[fold * n // folds:(fold + 1) * n // folds]
+    n_val = round(n * fraction)
+    if not 0 < n_val < n:
         raise ConfigError(
-            f"data.val_fraction={fraction} leaves {n_val} of {len(classes)} train classes for validation; "
-            "use 0 (validate on the test split) or a fraction giving at least 1 class to each side"
+            f"data.val_fraction={fraction} leaves {n_val} of {n} train classes for validation; use a "
+            "fraction giving at least 1 class to each side, data.val_folds=k, or data.selection=test "
+            "(the papers' protocol: select on the test classes)"
         )
-    val_classes = set(classes[-n_val:])
+    return classes[-n_val:]
+
+
+def split_off_classes(records: SplitRecords, fraction: float, folds: int | None = None,
+                      fold: int = 0) -> tuple[SplitRecords, SplitRecords]:
+    """Class-disjoint train/val split of a train split (see :func:`validation_classes`)."""
+    val_classes = set(validation_classes(sorted(set(records.labels)), fraction, folds, fold))
     keep = [i for i, y in enumerate(records.labels) if y not in val_classes]
     held = [i for i, y in enumerate(records.labels) if y in val_classes]
     return subset(records, keep), subset(records, held)
@@ -81,9 +103,10 @@ class DMLDataModule(pl.LightningDataModule):
     """Builds the train (P x K batches), validation and test loaders.
 
     batch_size / K: global P x K batch (P = batch_size // K classes); under DDP each of the W ranks
-    gets P / W classes of every global batch. val_fraction: 0 validates on the test split (the
-    papers' protocol); > 0 holds out that fraction of the *train classes* for validation, so model
-    selection and sweeps never see the test classes.
+    gets P / W classes of every global batch. selection="val" (default) validates on train classes
+    held out from training (the last ``val_fraction`` of them, or fold ``val_fold`` of ``val_folds``
+    class-disjoint folds), so checkpoints and sweeps never see the test classes; selection="test" is
+    the papers' protocol (validate on the test split), an explicit opt-in that reports flag.
     """
 
     def __init__(
@@ -92,7 +115,10 @@ class DMLDataModule(pl.LightningDataModule):
         transform,
         batch_size: int = 32,
         K: int = 4,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.25,
+        selection: str = "val",
+        val_folds: int | None = None,
+        val_fold: int = 0,
         batches_per_epoch: int | None = None,
         eval_batch_size: int = 128,
         num_workers: int = 0,
@@ -114,6 +140,9 @@ class DMLDataModule(pl.LightningDataModule):
             raise ValueError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"data.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.selection, self.val_folds, self.val_fold = selection, val_folds, val_fold
         self.source, self.transform = source, transform
         self.batch_size, self.K, self.P = batch_size, K, batch_size // K
         self.val_fraction = val_fraction
@@ -158,9 +187,9 @@ class DMLDataModule(pl.LightningDataModule):
             return
         train = self.source.load("train")
         test = self.source.load("test")
-        if self.val_fraction > 0:
-            train, val = split_off_classes(train, self.val_fraction)
-        else:
+        if self.selection == "val":
+            train, val = split_off_classes(train, self.val_fraction, self.val_folds, self.val_fold)
+        else:  # the papers' protocol: checkpoints are chosen on the test classes
             val = test
         self._check_classes(train)
         if self.with_meta_batch and self.meta_source == "heldout":  # meta classes never in a train batch
@@ -248,4 +277,4 @@ def check_batch_shape(batch_size: int, K: int) -> None:
         )
 
 
-__all__ = ["DMLDataModule", "ShardSampler", "check_batch_shape", "split_off_classes"]
+__all__ = ["DMLDataModule", "ShardSampler", "check_batch_shape", "split_off_classes", "validation_classes", "SELECTIONS"]

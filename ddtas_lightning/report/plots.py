@@ -6,7 +6,13 @@
 * ``lambda_curves.png``: the learned lambda over training steps (thin: each seed; thick: their mean),
   the static grid's lambdas dotted;
 * ``at_asms_curves.png``: AT-ASMS's ratio r, tolerance t and margins gamma+ / gamma- over steps (seed
-  mean, moving average over 10 steps).
+  mean, moving average over 10 steps);
+* ``quality_vs_compute.png``: test R@1 (mean with its 95% t interval over seeds) against training CPU
+  seconds per run for every arm, the grid search chosen on validation at the grid's cost, and the
+  Optuna TPE best-so-far curves;
+* ``tpe_best_so_far.png``: per TPE study, the test R@1 of the validation-best trial so far against
+  cumulative CPU seconds, each learned arm's CPU seconds per run marked;
+* ``val_vs_test.png``: validation R@1 against test R@1 for every run (does the validation pick transfer?).
 A plot without anything to show is not written.
 """
 
@@ -22,6 +28,9 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from scipy.stats import spearmanr  # noqa: E402
+
+from ddtas_lightning.report.stats import t_interval  # noqa: E402
 from ddtas_lightning.report.summary import ArmSummary, Comparison, adapts_margin, learns_lambda  # noqa: E402
 
 SMOOTH = 10  # steps of the moving average of the AT-ASMS curves
@@ -118,7 +127,7 @@ def plot_lambda_curves(c: Comparison, path: Path) -> Path | None:
         ax.plot(*_seed_mean(curves), color=colors[s.label], linewidth=2, label=f"{s.label} (mean of {len(curves)})")
     if c.best_static is not None and c.best_static.arm.first.loss_threshold is not None:
         ax.axhline(c.best_static.arm.first.loss_threshold, color="black", linestyle=":", linewidth=1.5,
-                   label=f"best static λ ({c.best_static.label})")
+                   label=f"grid λ chosen on validation ({c.best_static.label})")
     ax.set_xlabel("training step")
     ax.set_ylabel("λ (loss threshold)")
     ax.set_title("Learned λ over training (dotted: the static grid)")
@@ -158,6 +167,96 @@ def plot_at_asms_curves(c: Comparison, path: Path) -> Path | None:
     return path
 
 
+def _t_half(values: list[float]) -> float:
+    iv = t_interval(values)
+    return 0.0 if math.isnan(iv.low) else iv.half_width
+
+
+def plot_quality_vs_compute(c: Comparison, path: Path) -> Path | None:
+    arms = [s for s in c.arms if not math.isnan(s.cpu.mean) and s.r1.n]
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for s in arms:
+        values = [100 * v for v in s.arm.values("R@1")]
+        marker, color = ("o", "grey") if s.kind == "static" else ("s", None)
+        ax.errorbar(s.cpu.mean, statistics.fmean(values), yerr=_t_half(values), fmt=marker, capsize=3,
+                    color=color, label=None if s.kind == "static" else s.label)
+        if s.kind == "static":
+            ax.annotate(s.label, (s.cpu.mean, statistics.fmean(values)), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+    head = c.headline
+    if head is not None:
+        values = [100 * v for v in head.values("R@1").values()]
+        ax.errorbar(head.cost_cpu_s, statistics.fmean(values), yerr=_t_half(values), fmt="D", color="black",
+                    capsize=3, label=f"grid search, val pick per seed ({head.runs_needed} runs)")
+    for fam in c.optuna:
+        curve = fam.best_so_far()
+        if curve:
+            ax.step([x for x, *_ in curve], [100 * t for _, _, t, _ in curve], where="post", alpha=0.7,
+                    label=f"TPE best so far (seed {fam.seed})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training CPU seconds (per run; the grid: all its points)")
+    ax.set_ylabel("test R@1 (%), mean ± 95% t interval over seeds")
+    ax.set_title("Quality against compute (grey: static grid points)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tpe_best_so_far(c: Comparison, path: Path) -> Path | None:
+    curves = [(fam, fam.best_so_far()) for fam in c.optuna]
+    curves = [(f, cv) for f, cv in curves if cv]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fam, curve in curves:
+        ax.step([x for x, *_ in curve], [100 * t for _, _, t, _ in curve], where="post", marker="o",
+                label=f"TPE seed {fam.seed}: test R@1 of the val-best trial")
+    learned = [v.arm for v in c.versus if not math.isnan(v.arm.cpu.mean)]
+    colors = _colors(learned)
+    for s in learned:
+        ax.axvline(s.cpu.mean, color=colors[s.label], linestyle="--", linewidth=1,
+                   label=f"one {s.label} run ({s.cpu.mean:.0f} CPU s, R@1 {100 * s.r1.mean:.1f})")
+    ax.set_xlabel("cumulative training CPU seconds of the study")
+    ax.set_ylabel("test R@1 (%)")
+    ax.set_title("Optuna TPE: best so far (chosen on validation) against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_val_vs_test(c: Comparison, path: Path) -> Path | None:
+    runs = [(r, kind) for s in c.arms for r, kind in ((r, s.kind) for r in s.arm.ok_runs)]
+    runs += [(r, "tpe") for fam in c.optuna for r in fam.trials if r.ok]
+    points = [(100 * r.val_metric("R@1"), 100 * r.metric("R@1"), kind) for r, kind in runs]
+    points = [p for p in points if not (math.isnan(p[0]) or math.isnan(p[1]))]
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for kind, marker in (("static", "o"), ("dynamic", "s"), ("tpe", "^")):
+        xs = [x for x, _, k in points if k == kind]
+        ys = [y for _, y, k in points if k == kind]
+        if xs:
+            ax.scatter(xs, ys, marker=marker, alpha=0.7, label=kind)
+    rho = spearmanr([x for x, _, _ in points], [y for _, y, _ in points]).statistic
+    ax.set_xlabel("validation R@1 (%) of the selected checkpoint")
+    ax.set_ylabel("test R@1 (%)")
+    ax.set_title(f"Does the validation pick transfer? Spearman ρ = {rho:.2f} ({len(points)} runs)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(c: Comparison, out_dir: Path) -> list[Path]:
     """Every plot that has something to show, as PNG files in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,5 +264,8 @@ def write_plots(c: Comparison, out_dir: Path) -> list[Path]:
         plot_r1_vs_threshold(c, out_dir / "r1_vs_threshold.png"),
         plot_lambda_curves(c, out_dir / "lambda_curves.png"),
         plot_at_asms_curves(c, out_dir / "at_asms_curves.png"),
+        plot_quality_vs_compute(c, out_dir / "quality_vs_compute.png"),
+        plot_tpe_best_so_far(c, out_dir / "tpe_best_so_far.png"),
+        plot_val_vs_test(c, out_dir / "val_vs_test.png"),
     ]
     return [p for p in made if p is not None]

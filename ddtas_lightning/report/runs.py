@@ -98,6 +98,33 @@ def _last_error_line(run: Path) -> str | None:
     return found
 
 
+# metrics.json fields the report reads as numbers (a nested key: "split/name").
+NUMERIC_FIELDS = ("wall_time_s", "train_time_s", "best_val_R@1", "global_steps")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def malformed(metrics) -> str | None:
+    """Why a parsed metrics.json cannot be read as a run's result (None: it can)."""
+    if not isinstance(metrics, dict):
+        return f"expected a JSON object (train.py writes one), got a {type(metrics).__name__}"
+    for key in NUMERIC_FIELDS:
+        if key in metrics and metrics[key] is not None and not _is_number(metrics[key]):
+            return f"{key} is {metrics[key]!r}, expected a number"
+    for split in ("test", "val", "val_at_best"):
+        values = metrics.get(split, {})
+        if not isinstance(values, dict):
+            return f"{split} is {values!r}, expected an object of metric: number"
+        bad = [k for k, v in values.items() if not _is_number(v)]
+        if bad:
+            return f"{split}.{bad[0]} is {values[bad[0]]!r}, expected a number"
+    if not isinstance(metrics.get("compute", {}), dict):
+        return f"compute is {metrics['compute']!r}, expected an object"
+    return None
+
+
 @dataclass
 class Run:
     """One job of the sweep. ``metrics`` is None when the run did not finish (``error`` says why)."""
@@ -122,6 +149,10 @@ class Run:
                 metrics = json.loads(metrics_path.read_text())
             except (OSError, ValueError) as exc:
                 error = f"metrics.json unreadable: {exc}"
+            else:
+                problem = malformed(metrics)
+                if problem:
+                    metrics, error = None, f"metrics.json malformed: {problem}"
         else:
             cause = _last_error_line(path)
             error = "no metrics.json (the run failed or did not finish)" + (f": {cause}" if cause else "")
@@ -188,9 +219,81 @@ class Run:
                 return float(value)
         return math.nan
 
+    def val_metric(self, name: str) -> float:
+        """Validation ``name`` of the selected checkpoint (the model-selection signal); NaN when absent."""
+        m = self.metrics or {}
+        value = m.get("val_at_best", {}).get(f"val/{name}")
+        if value is None and name == "R@1":
+            value = m.get("best_val_R@1")
+        if value is None:
+            value = m.get("val", {}).get(f"val/{name}")
+        return math.nan if value is None else float(value)
+
+    def test_metric(self, name: str) -> float:
+        value = (self.metrics or {}).get("test", {}).get(f"test/{name}")
+        return math.nan if value is None else float(value)
+
+    @property
+    def selection(self) -> str:
+        """Where the run chose its checkpoint: "val" (held-out train classes) or "test" (papers' protocol).
+        Runs from before the protocol existed validated on the test split unless val_fraction > 0."""
+        m = self.metrics or {}
+        if "selection" in m:
+            return str(m["selection"])
+        fraction = _select(self.config, "data.val_fraction")
+        return "val" if isinstance(fraction, int | float) and fraction > 0 else "test"
+
     @property
     def wall_time_s(self) -> float:
         return float((self.metrics or {}).get("wall_time_s", math.nan))
+
+    @property
+    def compute(self) -> dict:
+        return (self.metrics or {}).get("compute") or {}
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of training with its validations (what picking a grid point costs); NaN if unknown."""
+        value = self.compute.get("fit_cpu_s")
+        return math.nan if value is None else float(value)
+
+    @property
+    def gpu_s(self) -> float:
+        value = self.compute.get("fit_gpu_s")
+        return math.nan if value is None else float(value)
+
+    @property
+    def train_passes(self) -> float:
+        """Images through the model in training, forward plus backward (a forward-mode pass counts as
+        a forward): the hardware-independent count of work."""
+        counts = self.compute.get("passes", {}).get("train")
+        if not counts:
+            return math.nan
+        return float(counts.get("forward_images", 0) + counts.get("backward_images", 0))
+
+    @cached_property
+    def per_query(self) -> dict | None:
+        """``per_query_test.npz`` (ids, R@1, MAP@R of every test query), or None."""
+        path = self.path / "per_query_test.npz"
+        if not path.is_file():
+            return None
+        try:
+            import numpy as np
+
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def protocol(self) -> tuple:
+        """What must be equal for two runs to be compared: dataset, backbone, run length."""
+        choices = (self.metrics or {}).get("choices", {})
+        dataset = choices.get("dataset") or _select(self.config, "dataset.name")
+        backbone = choices.get("backbone") or _select(self.config, "backbone.model_name")
+        length = tuple(_select(self.config, k) for k in ("trainer.max_epochs", "trainer.max_steps",
+                                                          "data.batches_per_epoch"))
+        return dataset, backbone, length
 
     @cached_property
     def curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -267,3 +370,27 @@ def group_arms(runs: list[Run]) -> list[Arm]:
             label = " ".join(distinct) or "(all runs)"
         arms.setdefault(key, Arm(label, [])).runs.append(run)
     return list(arms.values())
+
+
+OPTUNA_MARKER = "optuna.json"  # hydra/sweeper=tpe writes it into its sweep dir
+
+
+def is_optuna_sweep(sweep: Path) -> bool:
+    return (sweep / OPTUNA_MARKER).is_file()
+
+
+def load_optuna(sweep: Path) -> tuple[dict, list[Run]]:
+    """An Optuna (TPE) sweep: its study record and its trials' runs in trial order (a trial without a
+    job dir, e.g. one the sweep never launched, is left out)."""
+    try:
+        study = json.loads((sweep / OPTUNA_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"{sweep / OPTUNA_MARKER} is unreadable ({exc}); it is written by hydra/sweeper=tpe") from None
+    if not isinstance(study, dict) or not isinstance(study.get("trials"), list):
+        raise SweepError(f"{sweep / OPTUNA_MARKER} is not an Optuna study record (expected an object with 'trials')")
+    runs = []
+    for trial in sorted(study["trials"], key=lambda t: int(t.get("number", 0))):
+        path = sweep / str(trial.get("number"))
+        if path.is_dir():
+            runs.append(Run.load(path))
+    return study, runs
