@@ -67,16 +67,20 @@ nspa: $(STAMP) ## NSPA study: 4 strategies x 5 seeds, then mean +- std tables
 		$(PY) -m ddtas_lightning.nspa_report $$d --split untrained && \
 		$(PY) -m ddtas_lightning.nspa_report $$d --split heldout || exit 1; done
 
-# Static grid vs learned thresholds (issue 7): `make sweep && make compare`. The sweep runs every arm of
-# conf/experiment/threshold_grid.yaml x 3 seeds into multirun/threshold_grid/<date>_<time>/; compare reads
-# the latest one (or SWEEP_DIR=<sweep dir>) and writes its table, plots and report.md to <sweep dir>/report/.
+# Static grid vs learned thresholds vs Optuna TPE: `make sweep && make compare`. The sweep runs every arm of
+# conf/experiment/threshold_grid.yaml x 3 seeds into multirun/threshold_grid/<date>_<time>/, then a TPE study
+# (conf/hparams_search/threshold_tpe.yaml, seed 0) into multirun/threshold_tpe/<date>_<time>/; model selection
+# on held-out train classes throughout. compare reads the latest of each (or SWEEP_DIR=..., TPE_DIR=...) and
+# writes its tables, plots and report.md to <grid sweep dir>/report/ (COMPARE_ARGS=--wandb: also to W&B).
 SWEEP_DIR ?= multirun/threshold_grid
+TPE_DIR ?= multirun/threshold_tpe
 .PHONY: sweep compare
-sweep: $(STAMP) ## static-grid vs learned-threshold sweep (experiment=threshold_grid)
+sweep: $(STAMP) ## grid vs learned thresholds (experiment=threshold_grid), then a TPE study (hparams_search=threshold_tpe)
 	$(PY) -m ddtas_lightning.train -m experiment=threshold_grid $(ARGS)
+	$(PY) -m ddtas_lightning.train -m hparams_search=threshold_tpe $(ARGS)
 
-compare: $(STAMP) ## tables, plots and report.md of the latest sweep (SWEEP_DIR=...)
-	$(PY) -m ddtas_lightning.compare $(SWEEP_DIR)
+compare: $(STAMP) ## tables, plots and report.md of the latest sweep and TPE study (SWEEP_DIR=, TPE_DIR=, COMPARE_ARGS=)
+	$(PY) -m ddtas_lightning.compare $(SWEEP_DIR) $(wildcard $(TPE_DIR)) $(COMPARE_ARGS)
 
 # `make help`: every target with its `##` description.
 .PHONY: help

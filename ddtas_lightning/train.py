@@ -296,7 +296,9 @@ def print_summary(results: dict) -> None:
     if "test" in results:
         print(row("trained", results["test"], "test"))
     print(f"training time {results['train_time_s']:.1f} s, {results['global_steps']} steps, "
-          f"best val R@1 {100 * results['best_val_R@1']:.2f}\n")
+          f"best val R@1 {100 * results['best_val_R@1']:.2f}"
+          + (" (validated on the TEST classes: data.selection=test, the papers' protocol)"
+             if results.get("selection") == "test" else " (held-out train classes)") + "\n")
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -26,7 +26,7 @@ ARMS = sorted(p.stem for p in Path(CONF_DIR, "arm").glob("*.yaml"))
 HAS_MMSI = Path(CONF_DIR, "threshold_policy", "mmsi.yaml").is_file()
 # arm -> (kind, lambda, miner margin, policy class, miner class)
 EXPECTED = {
-    **{f"lambda_{lam}": ("static", lam, 0.1, "StaticThreshold", "ASMS") for lam in (0.3, 0.5, 0.7, 0.9)},
+    **{f"lambda_{lam}": ("static", lam, 0.1, "StaticThreshold", "ASMS") for lam in (0.1, 0.3, 0.5, 0.7, 0.9)},
     "margin_0.05": ("static", 0.7, 0.05, "StaticThreshold", "ASMS"),
     "margin_0.2": ("static", 0.7, 0.2, "StaticThreshold", "ASMS"),
     "at_asms": ("dynamic", 0.7, 0.1, "StaticThreshold", "AdaptiveToleranceASMS"),
