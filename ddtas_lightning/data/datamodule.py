@@ -122,7 +122,7 @@ class DMLDataModule(pl.LightningDataModule):
         batches_per_epoch: int | None = None,
         eval_batch_size: int = 128,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = False,
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
         on_bad_image: str = "fail",
@@ -148,7 +148,7 @@ class DMLDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.batches_per_epoch = batches_per_epoch
         self.eval_batch_size = eval_batch_size
-        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
+        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=resolve_pin_memory(pin_memory))
         if num_workers > 0:
             self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.on_bad_image = on_bad_image
@@ -264,6 +264,16 @@ class DMLDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
+
+
+def resolve_pin_memory(value: bool | str) -> bool:
+    """``data.pin_memory``: true | false | auto (pinned host memory when CUDA is available: the batch's
+    copy to the GPU can then overlap compute; pinning is pointless without one)."""
+    if value == "auto":
+        return torch.cuda.is_available()
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"data.pin_memory must be true, false or auto, got {value!r}")
 
 
 def check_batch_shape(batch_size: int, K: int) -> None:
