@@ -57,27 +57,11 @@ from ddtas_lightning.policies.virtual_step import (
     all_pairs_meta_loss,
     gradient_and_tangent,
     loss_and_gradient,
-    trainable_parameters,
+    select_parameters,
 )
 from ddtas_lightning.validation import ConfigError, check_choice
 
-META_PARAMS = ("all", "head")
 LR_SCHEDULES = ("constant", "run_length")
-
-
-def select_parameters(model: nn.Module, which: str) -> Params:
-    """The parameters the tangent tracks: ``all`` trainable ones, or ``head`` (names ``head.*``)."""
-    check_choice("threshold_policy.meta_params", which, META_PARAMS)
-    params = trainable_parameters(model)
-    if which == "all":
-        return params
-    head = {n: p for n, p in params.items() if n.startswith("head.")}
-    if not head:
-        raise ConfigError(
-            "threshold_policy.meta_params=head: the model has no trainable parameter named head.* "
-            f"(it has {sorted(params)[:5]}...); use meta_params=all"
-        )
-    return head
 
 
 class HypergradThreshold(MetaThreshold):
@@ -127,17 +111,16 @@ class HypergradThreshold(MetaThreshold):
         super().__init__(init=init, granularity=granularity, mode="jvp", inner_lr=1.0, lr=lr,
                          step_rule=step_rule, betas=betas, eps=eps, min=min, max=max,
                          meta_threshold=meta_threshold, meta_objective=meta_objective,
-                         meta_temperature=meta_temperature)
+                         meta_temperature=meta_temperature, meta_params=meta_params)
         if not 0.0 < float(decay) <= 1.0:
             raise ConfigError(f"threshold_policy.decay must be in (0, 1], got {decay}")
         if truncate is not None and int(truncate) < 1:
             raise ConfigError(f"threshold_policy.truncate must be a positive number of steps or null, got {truncate}")
-        check_choice("threshold_policy.meta_params", meta_params, META_PARAMS)
         check_choice("threshold_policy.lr_schedule", lr_schedule, LR_SCHEDULES)
         if not float(travel) > 0:
             raise ConfigError(f"threshold_policy.travel must be > 0, got {travel}")
         self.lr_schedule, self.travel, self.total_steps = lr_schedule, float(travel), None
-        self.decay, self.truncate, self.meta_params = float(decay), truncate and int(truncate), meta_params
+        self.decay, self.truncate = float(decay), truncate and int(truncate)
         self.register_buffer("tangent", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("opt_tangent", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("opt_tangent_sq", torch.zeros(0, 0, dtype=torch.float32))
@@ -353,4 +336,4 @@ def _tangent_update(optimizer: torch.optim.Optimizer, group: dict, state: dict, 
         )
 
 
-__all__ = ["HypergradThreshold", "select_parameters"]
+__all__ = ["HypergradThreshold"]

@@ -51,10 +51,12 @@ from ddtas_lightning.policies.virtual_step import (
     MetaGradient,
     Params,
     all_pairs_meta_loss,
+    META_PARAMS,
     all_reduce_mean,
     cotangent_meta_gradient,
     exact_meta_gradient,
     loss_and_gradient,
+    select_parameters,
     tangent_meta_gradient,
     virtual_sgd_step,
 )
@@ -85,6 +87,8 @@ class MetaThreshold(ThresholdPolicy):
     meta_objective: ``loss`` (the papers': the loss on all meta pairs at lambda_0) | ``smooth_ap`` |
         ``nca`` (lambda-free retrieval objectives, ``losses/retrieval_objectives.py``);
         meta_temperature: their temperature (None: their default).
+    meta_params: ``all`` (the papers) | ``head``: the virtual step over the embedding head ``head.*``
+        only (the backbone held fixed in it; cheaper).
     jvp_reuse_forward: ``mode="jvp"`` only: the forward-mode pass over the train batch doubles as the
         real forward (one backbone forward fewer, more memory); ``False``: a separate graph-free pass.
     exact_impl: ``mode="exact"`` only, two computations of the same exact derivative:
@@ -139,6 +143,7 @@ class MetaThreshold(ThresholdPolicy):
         every: int = 1,
         meta_objective: str = "loss",
         meta_temperature: float | None = None,
+        meta_params: str = "all",
     ) -> None:
         super().__init__()
         check_choice("threshold_policy.granularity", granularity, GRANULARITIES)
@@ -160,6 +165,8 @@ class MetaThreshold(ThresholdPolicy):
         self.every = as_int("threshold_policy.every", every, minimum=1)
         check_choice("threshold_policy.meta_objective", meta_objective, META_OBJECTIVES)
         self.meta_objective, self.meta_temperature = meta_objective, meta_temperature
+        check_choice("threshold_policy.meta_params", meta_params, META_PARAMS)
+        self.meta_params = meta_params
         shape = () if granularity == "scalar" else (2,)
         self.register_buffer("lam", torch.zeros(shape))
         self.register_buffer("meta_lam", torch.zeros(shape))
@@ -252,7 +259,7 @@ class MetaThreshold(ThresholdPolicy):
             self._known_initialized = True
         if self.every > 1 and batch.global_step % self.every:
             return self._held_step(loss_fn, miner, model, batch)
-        fm = FunctionalModel(model)
+        fm = FunctionalModel(model, select_parameters(model, self.meta_params))
 
         meta_loss_fn = all_pairs_meta_loss(fm, loss_fn, batch.meta_images, batch.meta_labels, self.meta_lam,
                                            self.meta_objective, self.meta_temperature)

@@ -64,6 +64,27 @@ def trainable_parameters(model: nn.Module) -> Params:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+META_PARAMS = ("all", "head")
+
+
+def select_parameters(model: nn.Module, which: str) -> Params:
+    """The parameters the tangent tracks: ``all`` trainable ones, or ``head`` (names ``head.*``)."""
+    if which not in META_PARAMS:
+        raise ValueError(f"threshold_policy.meta_params must be one of {', '.join(META_PARAMS)}, got {which!r}")
+    params = trainable_parameters(model)
+    if which == "all":
+        return params
+    head = {n: p for n, p in params.items() if n.startswith("head.")}
+    if not head:
+        from ddtas_lightning.validation import ConfigError
+
+        raise ConfigError(
+            "threshold_policy.meta_params=head: the model has no trainable parameter named head.* "
+            f"(it has {sorted(params)[:5]}...); use meta_params=all"
+        )
+    return head
+
+
 class FunctionalModel:
     """Calls ``model`` with explicit parameters through ``torch.func.functional_call``.
 
@@ -340,6 +361,7 @@ __all__ = [
     "gradient_and_tangent",
     "loss_and_gradient",
     "tangent_meta_gradient",
+    "select_parameters",
     "trainable_parameters",
     "virtual_sgd_step",
 ]
