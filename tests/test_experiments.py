@@ -25,6 +25,7 @@ COVERED_ELSEWHERE = {
     "nspa_gaussian_clusters": "tests/test_nspa_experiment.py",
     "nspa_cub200": "tests/test_nspa_experiment.py",
     "threshold_grid": "tests/test_sweep.py",
+    "mmsi_protocol_synthetic": "tests/policies/test_mmsi_protocol.py",
     "dinov2_cub200": "tests/models/test_timm_backbones.py",
 }
 EXPERIMENTS = sorted(

@@ -50,8 +50,10 @@ class MMSI(MetaPairWeights):
         meta_K: int | None = 1,
         memory_size_per_class: int = 100,
         warmup_classes: int = 16,
+        static_steps: int = 0,
     ) -> None:
-        super().__init__(mode=mode, inner_lr=inner_lr, normalization=normalization, meta_K=meta_K)
+        super().__init__(mode=mode, inner_lr=inner_lr, normalization=normalization, meta_K=meta_K,
+                         static_steps=static_steps)
         self.memory = SemiGlobalMemory(memory_size_per_class, warmup_classes)
 
     def observe(self, embeddings: Tensor, batch: StepBatch) -> None:

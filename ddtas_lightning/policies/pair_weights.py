@@ -229,6 +229,8 @@ class MetaPairWeights(ThresholdPolicy):
     normalization: ``"official"`` | ``"per_sign"`` | ``"loss_terms"`` (module docstring).
     meta_K: images per class of the meta batch the data module builds (``None``: ``data.meta_K``;
         this policy needs >= 2 so that meta images have positives).
+    static_steps: the first this many optimiser steps are plain static steps (unweighted loss; MMSI's
+        memory still fills): MMSI's official protocol fine-tunes a trained model (0: weights from step 0).
 
     Subclasses (MMSI) override :meth:`observe`, :meth:`warming_up` and :meth:`meta_target`.
     Logs: ``meta/loss``, ``meta/warmup``, ``meta/skipped``, ``meta/w_{pos,neg}_{mean,max}`` (means
@@ -244,6 +246,7 @@ class MetaPairWeights(ThresholdPolicy):
         inner_lr: float = 1e-5,
         normalization: str = "per_sign",
         meta_K: int | None = None,
+        static_steps: int = 0,
     ) -> None:
         super().__init__()
         check_choice("threshold_policy.mode", mode, MODES)
@@ -252,6 +255,7 @@ class MetaPairWeights(ThresholdPolicy):
             raise ValueError(f"threshold_policy.inner_lr must be > 0, got {inner_lr}")
         self.mode, self.inner_lr, self.normalization = mode, float(inner_lr), normalization
         self.meta_K = None if meta_K is None else as_int("threshold_policy.meta_K", meta_K, minimum=1)
+        self.static_steps = as_int("threshold_policy.static_steps", static_steps, minimum=0)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def observe(self, embeddings: Tensor, batch: StepBatch) -> None:
@@ -270,6 +274,13 @@ class MetaPairWeights(ThresholdPolicy):
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
+        if batch.global_step < self.static_steps:  # MMSI's protocol: a static (unweighted) warm-up first
+            emb = global_embeddings(model(batch.images))
+            self.observe(emb.detach(), batch)  # the memory fills meanwhile
+            sim = similarities(emb)
+            selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
+            logs = {"meta/static": torch.ones((), device=sim.device), **self.extra_logs()}
+            return StepOutput(loss=loss_fn(sim, selection), selection=selection, logs=logs)
         weighed = self.weigh(model, loss_fn, miner, batch)
         sim, selection, logs = weighed.sim, weighed.selection, weighed.logs
         if weighed.head is None or weighed.weights is None:  # skipped: zero loss with a graph, no update
