@@ -58,6 +58,8 @@ class Embedder(nn.Module):
         try:
             self.backbone = timm.create_model(model_name, **create_kwargs)
         except Exception as e:
+            if checkpoint_path and str(e).startswith("backbone.checkpoint_path"):
+                raise  # already names the key (e.g. the BN-Inception loader's own check)
             if checkpoint_path:  # a text file, a truncated file, weights of another architecture
                 raise ConfigError(
                     f"backbone.checkpoint_path: cannot load {path} into the timm model {model_name!r} "
