@@ -46,12 +46,11 @@ from ddtas_lightning.policies.base import (
     similarities,
 )
 from ddtas_lightning.policies.virtual_step import (
-    FunctionalModel,
     META_OBJECTIVES,
-    MetaGradient,
-    Params,
-    all_pairs_meta_loss,
     META_PARAMS,
+    FunctionalModel,
+    MetaGradient,
+    all_pairs_meta_loss,
     all_reduce_mean,
     cotangent_meta_gradient,
     exact_meta_gradient,
