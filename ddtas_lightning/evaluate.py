@@ -107,6 +107,11 @@ def eval_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     run_cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
     with open_dict(run_cfg):
         run_cfg.paths = OmegaConf.to_container(cfg.paths, resolve=True)
+    try:  # the model as trained: its transform / backbone keep the training dataset's values (image size, ...)
+        run_cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))
+    except Exception:  # an interpolation that cannot be resolved here: left as saved
+        pass
+    with open_dict(run_cfg):
         if cfg.get("dataset") is not None:
             run_cfg.dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
             run_cfg.metrics.recall_ks = list(cfg.dataset.recall_ks)
@@ -151,6 +156,7 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     path = output_dir / "metrics.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    (output_dir / "eval_config.yaml").write_text(OmegaConf.to_yaml(run_cfg))  # what was rebuilt and evaluated
     print_eval_summary(payload, path)
     return payload
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.test_train_cli import REPO, run_cli
@@ -127,6 +128,7 @@ def test_exports_reload_and_give_the_evaluation_neighbours(evaluated):
     assert r1 == pytest.approx(ev["test"]["test/R@1"], abs=1e-6)
 
 
+@pytest.mark.slow  # two more evaluate processes
 def test_val_split_and_bad_input(trained):
     proc = run_eval(trained, f"ckpt_path={best_checkpoint(trained)}", "split=val", "inspect.map=false",
                     "inspect.gallery=false", "inspect.export=false", name="eval_val")
@@ -139,3 +141,16 @@ def test_val_split_and_bad_input(trained):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ckpt_path")
     proc = run_eval(trained, f"ckpt_path={best_checkpoint(trained)}", "split=train", name="eval_bad2")
     assert proc.returncode == 2 and "split" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # one more evaluate process
+def test_another_dataset_keeps_the_models_preprocessing(trained):
+    proc = run_eval(trained, f"ckpt_path={best_checkpoint(trained)}", "dataset=synthetic",
+                    "dataset.source.num_classes=12", "dataset.source.images_per_class=3", "dataset.image_size=48",
+                    "dataset.recall_ks=[1]", "inspect.map=false", "inspect.export=false", name="eval_other")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((trained / "eval_other" / "metrics.json").read_text())
+    assert ev["test"]["test/num_queries"] == 18 and set(ev["per_class"]) == {str(c) for c in range(7, 13)}
+    assert "test/R@2" not in ev["test"]  # the new dataset's recall_ks
+    rebuilt = OmegaConf.load(trained / "eval_other" / "eval_config.yaml")
+    assert rebuilt.dataset.image_size == 48 and rebuilt.transform.image_size == 32  # trained at 32 px
