@@ -24,6 +24,7 @@ from tests.test_mmsi_train import MMSI_EXPECTED
 COVERED_ELSEWHERE = {
     "nspa_gaussian_clusters": "tests/test_nspa_experiment.py",
     "nspa_cub200": "tests/test_nspa_experiment.py",
+    "nspa_gaussian_clusters_raw": "tests/test_nspa_raw_experiment.py",
     "threshold_grid": "tests/test_sweep.py",
     "mmsi_protocol_synthetic": "tests/policies/test_mmsi_protocol.py",
     "dinov2_cub200": "tests/models/test_timm_backbones.py",

@@ -16,6 +16,9 @@ class StaticThreshold(ThresholdPolicy):
     Sweep it with ``-m loss.threshold=0.3,0.5,0.7`` (or ``threshold_policy.threshold=...``).
     """
 
+    # the step hands the batch embeddings to a loss / miner that needs them (loss=pml, miner=pml)
+    passes_embeddings = True
+
     def __init__(self, threshold: float | None = None) -> None:
         super().__init__()
         self.threshold = threshold
