@@ -179,3 +179,22 @@ def test_proxy_loss_trains_resumes_and_evaluates_through_train(tiny_cfg, one_thr
 def test_pml_under_a_virtual_step_policy_is_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="threshold_policy=static only"):
         train(tiny_cfg("loss=pml", "threshold_policy=meta", "data.meta_batch_size=4", "data.meta_K=2"))
+
+
+def test_without_pml_installed_the_options_say_which_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"loss=pml needs pytorch-metric-learning: pip install -e '\.\[pml\]'"):
+        PMLLoss("ContrastiveLoss")
+    with pytest.raises(ConfigError, match=r"miner=pml needs pytorch-metric-learning"):
+        PMLMiner("MultiSimilarityMiner")
+
+
+def test_kwargs_from_the_config_reach_the_pml_class(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("loss=pml", "loss.name=TripletMarginLoss", "+loss.kwargs.margin=0.3",
+                   "miner=pml", "miner.name=TripletMarginMiner", "+miner.kwargs.type_of_triplets=hard")
+    loss, miner = instantiate(cfg.loss), instantiate(cfg.miner)
+    assert loss.loss.margin == 0.3 and miner.miner.type_of_triplets == "hard"

@@ -59,13 +59,8 @@ def pml_class(module, name: str, key: str, base: type) -> type:
 
 
 def _plain(kwargs: Mapping | None) -> dict:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if kwargs is None:
-        return {}
-    if isinstance(kwargs, DictConfig | ListConfig):
-        return OmegaConf.to_container(kwargs, resolve=True)
-    return dict(kwargs)
+    """The PML class's keyword arguments as a plain dict (the configs pass them with ``_convert_: all``)."""
+    return {} if kwargs is None else {str(k): v for k, v in dict(kwargs).items()}
 
 
 class PMLLoss(MetricLoss):
@@ -181,11 +176,10 @@ def _checkpointed_memory(loss: nn.Module, name: str, embedding_size: int | None,
 
 
 def check_policy_support(loss: nn.Module, miner: nn.Module, policy: nn.Module) -> None:
-    """PML losses / miners run under ``threshold_policy=static`` only (see the module doc)."""
-    from ddtas_lightning.policies.static import StaticThreshold
-
+    """A loss / miner that ``needs_embeddings`` (PML's) runs only under a policy that ``passes_embeddings``
+    (``threshold_policy=static``; see the module doc)."""
     for what, obj in (("loss=pml", loss), ("miner=pml", miner)):
-        if getattr(obj, "needs_embeddings", False) and not isinstance(policy, StaticThreshold):
+        if getattr(obj, "needs_embeddings", False) and not getattr(policy, "passes_embeddings", False):
             raise ConfigError(
                 f"{what} runs under threshold_policy=static only: {type(policy).__name__} learns the loss "
                 "threshold lambda or per-pair weights in a virtual step, and a PML loss / miner takes neither "
