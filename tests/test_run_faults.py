@@ -92,6 +92,7 @@ def test_sigterm_saves_last_ckpt_exits_143_and_the_resume_matches_an_uninterrupt
     assert metrics_b["test"] == metrics_a["test"]
 
 
+@pytest.mark.slow  # ~25 s: one more CLI run; the SIGTERM test covers the same path (SIGINT sets the same flag)
 def test_sigint_saves_last_ckpt_and_exits_130(tmp_path, data_dir):
     run_dir = tmp_path / "interrupted"
     proc, marker = paused_run(tmp_path, data_dir, run_dir)
@@ -103,6 +104,7 @@ def test_sigint_saves_last_ckpt_and_exits_130(tmp_path, data_dir):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STOP_AT
 
 
+@pytest.mark.slow  # ~30 s: two CLI runs; test_lock_is_exclusive_between_open_files and the catalogue cover it fast
 def test_a_second_run_in_a_run_dir_in_use_is_refused_and_the_lock_dies_with_its_holder(tmp_path, data_dir):
     run_dir = tmp_path / "shared"
     first, marker = paused_run(tmp_path, data_dir, run_dir)
