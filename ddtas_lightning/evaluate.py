@@ -28,14 +28,12 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
+from ddtas_lightning.checkpoint_compat import CONFIG_KEY, check_checkpoint_compat
 from ddtas_lightning.metrics.retrieval import per_class_metrics, per_query_metrics
 from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
-# checkpoint_compat.CONFIG_KEY: the training run's composed config (unresolved), saved in every checkpoint
-CONFIG_KEY = "ddtas_config"
 
 
 @dataclass

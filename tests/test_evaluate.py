@@ -137,6 +137,17 @@ def test_val_split_and_bad_input(trained):
     assert ev["split"] == "val" and ev["per_class"]
     test_classes = set(json.loads((trained / "eval" / "metrics.json").read_text())["per_class"])
     assert test_classes.isdisjoint(ev["per_class"])  # validation classes are train classes
+    # a checkpoint copied away from its run dir (no .hydra/ beside it) carries its config itself
+    import shutil
+
+    moved = trained / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir(exist_ok=True)
+    shutil.copy(best_checkpoint(trained), moved)
+    proc = run_eval(trained, f"ckpt_path={moved}", "inspect.map=false", "inspect.gallery=false",
+                    "inspect.export=false", name="eval_moved")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved_metrics = json.loads((trained / "eval_moved" / "metrics.json").read_text())["test"]
+    assert moved_metrics == json.loads((trained / "eval" / "metrics.json").read_text())["test"]
     proc = run_eval(trained, "ckpt_path=/nonexistent.ckpt", name="eval_bad")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ckpt_path")
     proc = run_eval(trained, f"ckpt_path={best_checkpoint(trained)}", "split=train", name="eval_bad2")
