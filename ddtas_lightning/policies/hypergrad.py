@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from ddtas_lightning.distributed import is_distributed
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
+from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.miners.soft_asms import soft_asms_weights
 from ddtas_lightning.policies.base import StepBatch, StepOutput, similarities
 from ddtas_lightning.policies.meta import MetaThreshold
 from ddtas_lightning.policies.virtual_step import (
@@ -78,6 +80,10 @@ class HypergradThreshold(MetaThreshold):
     meta_params: ``all`` | ``head``.
     lr_schedule: ``constant`` (``lr`` per step, as ``meta``) | ``run_length`` (see :meth:`step_size`:
     ``travel`` x the width of [min, max] spread over the run, cosine-annealed; ``lr`` unused).
+    learn_margin: also learn the ASMS margin m (start ``margin``, clamped to [margin_min, margin_max])
+    from its own hypergradient: the configured miner is replaced by the soft ASMS relaxation
+    (miners/soft_asms.py, ``margin_temperature``; smooth in S too, so the tangent is exact) whose
+    weights multiply the pairs inside the loss (MS / binomial: inside the exponentials). Logs ``train/margin``, ``meta/grad_margin``.
     Other arguments: as :class:`MetaThreshold` (``init``,
     ``granularity`` scalar | pos_neg, ``lr``, ``step_rule``, ``betas``, ``eps``, ``min``, ``max``,
     ``meta_threshold``, ``meta_objective`` loss | smooth_ap | nca, ``meta_temperature``).
@@ -105,6 +111,11 @@ class HypergradThreshold(MetaThreshold):
         meta_temperature: float | None = None,
         lr_schedule: str = "constant",
         travel: float = 2.0,
+        learn_margin: bool = False,
+        margin: float = 0.1,
+        margin_temperature: float = 0.01,
+        margin_min: float = 0.0,
+        margin_max: float = 0.5,
     ) -> None:
         # inner_lr=1: the Adam rule's normalisation of the gradient by the virtual step size does not
         # apply (there is no virtual step); the hypergradient is used as it is.
@@ -125,6 +136,14 @@ class HypergradThreshold(MetaThreshold):
         self.register_buffer("opt_tangent", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("opt_tangent_sq", torch.zeros(0, 0, dtype=torch.float32))
         self.register_buffer("tangent_steps", torch.zeros((), dtype=torch.long))
+        # learned ASMS margin m (soft ASMS, miners/soft_asms.py) and its Adam moments
+        self.learn_margin, self.margin_temperature = bool(learn_margin), float(margin_temperature)
+        self.margin_min, self.margin_max = float(margin_min), float(margin_max)
+        if not self.margin_min <= float(margin) <= self.margin_max or not self.margin_temperature > 0:
+            raise ConfigError(f"threshold_policy.margin={margin} must lie in [margin_min, margin_max] = "
+                              f"[{margin_min}, {margin_max}] and margin_temperature={margin_temperature} be > 0")
+        self.register_buffer("margin", torch.tensor(float(margin), dtype=torch.float32))
+        self.register_buffer("margin_moments", torch.zeros(2, dtype=torch.float32))
         self._pending: tuple[Params, Params, Params, list[Params]] | None = None
 
     # ---- the step size ---------------------------------------------------------------------------
@@ -161,7 +180,22 @@ class HypergradThreshold(MetaThreshold):
                                       unexpected_keys, error_msgs)
 
     def _components(self) -> int:
-        return self.lam.numel()
+        return self.lam.numel() + int(self.learn_margin)
+
+    @torch.no_grad()
+    def _update_margin(self, grad: Tensor) -> None:
+        """Adam-normalised, clamped step of m along -grad, with the lambda step size scaled to the
+        width of [margin_min, margin_max] (the same relative travel)."""
+        grad = grad.to(self.margin.dtype)
+        if not bool(torch.isfinite(grad)) or float(grad) == 0.0:
+            return
+        b1, b2 = self.betas
+        t = float(self.tangent_steps) + 1
+        self.margin_moments[0].mul_(b1).add_((1 - b1) * grad)
+        self.margin_moments[1].mul_(b2).add_((1 - b2) * grad * grad)
+        direction = (self.margin_moments[0] / (1 - b1**t)) / ((self.margin_moments[1] / (1 - b2**t)).sqrt() + self.eps)
+        size = self.step_size() * (self.margin_max - self.margin_min) / max(self.max - self.min, 1e-12)
+        self.margin.sub_(size * direction).clamp_(self.margin_min, self.margin_max)
 
     def _ensure_tangent(self, params: Params) -> None:
         n = sum(p.numel() for p in params.values())
@@ -215,11 +249,13 @@ class HypergradThreshold(MetaThreshold):
         meta_loss_fn = all_pairs_meta_loss(fm, loss_fn, batch.meta_images, batch.meta_labels, self.meta_lam,
                                            self.meta_objective, self.meta_temperature)
         meta_loss, v = loss_and_gradient(meta_loss_fn, fm.params)
-        hyper = torch.stack([
-            sum((v[n].to(zc[n].dtype) * zc[n]).sum() for n in fm.params) for zc in z
-        ]).reshape(self.lam.shape)
-        # (2) the lambda update
+        hyper_all = torch.stack([sum((v[n].to(zc[n].dtype) * zc[n]).sum() for n in fm.params) for zc in z])
+        n_lam = self.lam.numel()
+        hyper = hyper_all[:n_lam].reshape(self.lam.shape)
+        # (2) the lambda (and margin) update
         applied = self.update(hyper)
+        if self.learn_margin:
+            self._update_margin(hyper_all[n_lam])
         steps = int(self.tangent_steps)
         if self.truncate and steps > 0 and steps % self.truncate == 0:  # window: the last <= N steps
             self.reset_tangent()
@@ -228,20 +264,32 @@ class HypergradThreshold(MetaThreshold):
 
         # (3) the real forward (updates BN statistics), mining and loss at the new lambda
         sim = similarities(fm(batch.images))
-        selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
         lam = self.lam.detach().to(sim.dtype)
-        loss = loss_fn(sim, selection, threshold=lam)
+        control = lam.reshape(-1)
+        if self.learn_margin:  # soft ASMS weights (differentiable in m) replace the configured miner
+            selection = PairSelection.all_pairs(batch.labels)
+            pos, neg = selection.pos_mask, selection.neg_mask
+            control = torch.cat([control, self.margin.detach().to(sim.dtype).reshape(1)])
 
-        # (4) gdot = H Z + dg/dlambda for each component, on throw-away buffers
-        def loss_of(params: Params, lam_: Tensor) -> Tensor:
-            s = similarities(fm(batch.images, params, update_buffers=False))
-            return loss_fn(s, selection, threshold=lam_)
+            def train_loss(s: Tensor, c: Tensor) -> Tensor:
+                w_pos, w_neg = soft_asms_weights(s, pos, neg, c[n_lam], self.margin_temperature, detach_sim=False)
+                return loss_fn(s, selection, threshold=c[:n_lam].reshape(lam.shape), weights=w_pos + w_neg)
+        else:
+            selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
+
+            def train_loss(s: Tensor, c: Tensor) -> Tensor:
+                return loss_fn(s, selection, threshold=c.reshape(lam.shape))
+        loss = train_loss(sim, control)
+
+        # (4) gdot = H Z + dg/dc for each component c (lambda's, then m), on throw-away buffers
+        def loss_of(params: Params, c: Tensor) -> Tensor:
+            return train_loss(similarities(fm(batch.images, params, update_buffers=False)), c)
 
         gdots = []
         for c, zc in enumerate(z):
-            e = torch.zeros(self.lam.numel(), dtype=sim.dtype, device=sim.device)
+            e = torch.zeros(control.numel(), dtype=sim.dtype, device=sim.device)
             e[c] = 1
-            g, gdot = gradient_and_tangent(loss_of, fm.params, lam, zc, e.reshape(lam.shape))
+            g, gdot = gradient_and_tangent(loss_of, fm.params, control, zc, e)
             gdots.append(gdot)
         # theta_t and g_t as the optimiser sees them (Adam's second-moment tangent needs g_t + wd theta_t)
         before = {n: p.detach().clone() for n, p in fm.params.items()}
@@ -249,6 +297,9 @@ class HypergradThreshold(MetaThreshold):
 
         logs = self._logs(meta_loss, hyper, applied)
         logs["meta/tangent_norm"] = self.tangent.norm().detach()
+        if self.learn_margin:
+            logs["train/margin"] = self.margin.detach().clone()
+            logs["meta/grad_margin"] = hyper_all[n_lam].detach()
         return StepOutput(loss=loss, selection=selection, logs=logs)
 
     # ---- the tangent update along the real optimiser step ----------------------------------------

@@ -204,3 +204,47 @@ def test_run_length_schedule_spreads_the_travel_over_the_run(total):
     policy.tangent_steps.fill_(0)
     policy.update(torch.tensor(1.0))  # the Adam direction at its first step is 1: lambda moves by step_size
     assert float(policy.lam) == pytest.approx(0.5 - 2 * 2.0 * 0.6 / total, abs=1e-6)
+
+
+def test_learned_margin_hypergradient_is_exact():
+    """learn_margin: the train loss is the MS loss on soft-ASMS-weighted pairs; h_m against central
+    differences of the unrolled training in m (SGD: exact)."""
+    from ddtas_lightning.miners.soft_asms import soft_asms_weights
+
+    loss_fn, model0, batches = LOSSES["ms"](), make_model(3), batches_for(13)
+    make_opt = lambda p: torch.optim.SGD(p, **SGD)  # noqa: E731
+    T = 0.05
+
+    def unrolled(m):
+        net = copy.deepcopy(model0)
+        opt = make_opt(net.parameters())
+        for k in range(K):
+            emb = net(batches[k].images)
+            s = emb @ emb.T
+            sel = PairSelection.all_pairs(batches[k].labels)
+            w_pos, w_neg = soft_asms_weights(s, sel.pos_mask, sel.neg_mask, m, T, detach_sim=False)
+            loss = loss_fn(s, sel, threshold=torch.tensor(0.5, dtype=torch.float64), weights=w_pos + w_neg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return meta_loss_at(net, loss_fn, batches[K], torch.tensor(0.5, dtype=torch.float64))
+
+    model = copy.deepcopy(model0)
+    opt = make_opt(model.parameters())
+    policy = HypergradThreshold(init=0.5, lr=0.0, meta_threshold=0.5, learn_margin=True, margin=0.1,
+                                margin_temperature=T).double()
+    policy.lr_schedule = "constant"
+    for k in range(K + 1):
+        if k == K:  # read h at theta_K without moving m
+            policy.margin_max = policy.margin_min = float(policy.margin)
+        out = policy.step(model, loss_fn, AllPairsMiner(), batches[k])
+        if k < K:
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            policy.after_optimizer_step(opt)
+    assert float(policy.margin) == pytest.approx(0.1, abs=1e-7)  # lr 0: neither lambda nor m moved...
+    fd = central_difference(unrolled, torch.tensor(0.1, dtype=torch.float64))
+    assert fd.abs() > 1e-7
+    torch.testing.assert_close(out.logs["meta/grad_margin"].double(), fd, rtol=1e-6, atol=1e-11)
