@@ -192,6 +192,8 @@ def empty_selection_every_loss(ctx: SimpleNamespace) -> None:
     emb.requires_grad_(True)
     none = torch.zeros(4, 4, dtype=torch.bool)
     for path in sorted(Path(CONF_DIR, "loss").glob("*.yaml")):
+        if path.stem == "pml":  # wraps a PML loss on embeddings, not a similarity-matrix loss (test_pml_interop)
+            continue
         loss = instantiate(OmegaConf.load(path))(emb @ emb.T, PairSelection(none, none))
         (grad,) = torch.autograd.grad(loss, emb)
         assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), path.stem
@@ -477,10 +479,10 @@ CASES = [
     Case("synthetic-size", C, "`dataset.source.num_classes=1`", config("dataset.source.num_classes=1"), ValueError,
          r"Synthetic needs num_classes >= 2, images_per_class >= 2 and image_size >= 8; got 1",
          "Synthetic needs num_classes >= 2, images_per_class >= 2 and image_size >= 8; got 1, 6, 32", 2),
-    Case("train-classes-range", C, "`+dataset.source.train_classes=8` on the 8-class synthetic set (cub200, cars196: `dataset.source.train_classes=N`)",
-         config("+dataset.source.train_classes=8"), ConfigError,
-         r"dataset.source.train_classes=8 must be between 1 and 7 \(8 classes in .*classes.txt\)",
-         "dataset.source.train_classes=8 must be between 1 and 7 (8 classes in <root>/CUB_200_2011/classes.txt)", 2),
+    Case("train-classes-range", C, "`+dataset.source.train_classes=12` on the 12-class synthetic set (cub200, cars196: `dataset.source.train_classes=N`)",
+         config("+dataset.source.train_classes=12"), ConfigError,
+         r"dataset.source.train_classes=12 must be between 1 and 11 \(12 classes in .*classes.txt\)",
+         "dataset.source.train_classes=12 must be between 1 and 11 (12 classes in <root>/CUB_200_2011/classes.txt)", 2),
     Case("transform-resize", C, "`transform=imagenet transform.resize=16` (image_size 32)",
          config("transform=imagenet", "transform.resize=16"), ValueError,
          r"transform.resize: resize=16 must be >= image_size=32",

@@ -67,7 +67,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 10 synthetic classes: 5 train classes x 7 images and a 35-image (odd) test set. P x K = 4 x 2, so each
+# 10 synthetic classes: 5 train classes x 7 images (one of them held out: a 7-image validation set) and a
+# 35-image (odd) test set. P x K = 4 x 2, so each
 # of the 2 ranks gets 2 classes x 2 images per step; 4 steps in one epoch, then validation and test.
 TINY = [
     "dataset.source.num_classes=10",
@@ -97,6 +98,7 @@ TINY = [
     "test_after_training=true",
 ]
 TEST_SET_SIZE = 35
+VAL_SET_SIZE = 7  # data.selection=val: 1 of the 5 train classes (odd too: rank 1's shard is padded)
 RTOL, ATOL = 1e-9, 1e-12  # float64 runs; see the module docstring
 # The module logs lambda (like every policy log) as float32: its logged value is compared at float32's
 # resolution (the float64 lambda in the policy state is compared at RTOL).
@@ -343,7 +345,8 @@ def test_two_ranks_train_like_one_process(tmp_path, policy, rtol):
     # Evaluation: embeddings gathered over the ranks, rank 1's padded repeat removed by dataset index.
     m1, m2 = single.metrics(), ddp.metrics()
     for split in ("untrained", "val", "test"):
-        assert m1[split][f"{split}/num_queries"] == m2[split][f"{split}/num_queries"] == TEST_SET_SIZE
+        size = VAL_SET_SIZE if split == "val" else TEST_SET_SIZE
+        assert m1[split][f"{split}/num_queries"] == m2[split][f"{split}/num_queries"] == size
         assert m2[split] == pytest.approx(m1[split], rel=1e-6, abs=1e-6), split
 
 

@@ -120,7 +120,9 @@ TRAIN_IMAGES = {"cub200": 5864, "cars196": 8054, "sop": 59551}
 
 
 def test_every_mmsi_recipe_is_covered():
-    assert {p.stem for p in Path(CONF_DIR, "experiment").glob("mmsi_*.yaml")} == set(MMSI_EXPECTED)
+    # the paper recipes; mmsi_protocol_synthetic (static warm-up then MMSI) is tests/policies/test_mmsi_protocol.py's
+    recipes = {p.stem for p in Path(CONF_DIR, "experiment").glob("mmsi_*.yaml")} - {"mmsi_protocol_synthetic"}
+    assert recipes == set(MMSI_EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(MMSI_EXPECTED))

@@ -48,7 +48,9 @@ class WaitForSignal(pl.Callback):
 
 
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    # the CLI runs with this process's thread count, so its float sums match the in-process reference run
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO),
+            "WANDB_MODE": "disabled"}
 
 
 def paused_run(tmp_path: Path, data_dir: Path, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, Path]:

@@ -55,7 +55,7 @@ def test_launcher_and_trainer_requeue_on_the_same_signal(slurm_cfg, tmp_path, mo
     plugins = instantiate(slurm_cfg.trainer.plugins)  # before the srun stub is on PATH (Lightning warns)
     envs = [p for p in plugins if isinstance(p, SLURMEnvironment)]
     assert len(envs) == 1 and envs[0].auto_requeue
-    launcher = OmegaConf.to_container(slurm_cfg.hydra.launcher, resolve=False)
+    launcher = OmegaConf.to_container(slurm_cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["max_num_timeout"] >= 1 and launcher["signal_delay_s"] >= 60
     script = sbatch_script(launcher, tmp_path, monkeypatch)

@@ -33,6 +33,7 @@ EXPECTED = {
     "meta": ("dynamic", 0.7, 0.1, "MetaThreshold", "ASMS"),
     "ddtas": ("dynamic", 0.7, 0.1, "MetaThreshold", "AdaptiveToleranceASMS"),
     "mmsi": ("dynamic", 0.7, 0.1, "MMSI", "ASMS"),
+    "hypergrad": ("dynamic", 0.7, 0.1, "HypergradThreshold", "ASMS"),
 }
 # Tiny runs: 4 train classes (3 steps an epoch), meta batch 2 classes x 2.
 SMALL = [*TINY_DATA, "data.meta_batch_size=4", "data.batches_per_epoch=null", "trainer.max_epochs=1",

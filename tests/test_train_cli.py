@@ -23,6 +23,7 @@ NOT_FAST = {
     ("backbone", "mlp"): "vector backbone; covered by tests/models/test_mlp.py and tests/test_nspa_experiment.py",
     ("trainer", "gpu"): "needs a CUDA device",
     ("trainer", "ddp"): "two processes; covered by tests/test_ddp_equivalence.py",
+    ("trainer", "slurm_ddp"): "ranks started by srun; composition and sbatch script in tests/test_ddp_sweep.py",
     ("dataset", "cub200"): "needs a dataset tree; covered in tests/data",
     ("dataset", "cars196"): "needs a dataset tree; covered in tests/data",
     ("dataset", "sop"): "needs a dataset tree; covered in tests/data",
