@@ -28,7 +28,7 @@ from ddtas_lightning.report.runs import (
     load_optuna,
     load_sweep,
 )
-from ddtas_lightning.report.summary import OptunaFamily, compare, comparable
+from ddtas_lightning.report.summary import OptunaFamily, comparable, compare
 
 DEFAULT_DIR = Path("multirun/threshold_grid")
 

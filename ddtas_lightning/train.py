@@ -23,18 +23,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddtas_lightning.checkpoint_compat import check_checkpoint_compat
-from ddtas_lightning.evaluate import per_class_json, run_evaluation
-from ddtas_lightning.run_output import progress_options, show_config
 from ddtas_lightning.checkpointing import with_atomic_checkpoint_io
 from ddtas_lightning.cluster import cluster_plugins
+from ddtas_lightning.config_checks import check_run_values
 from ddtas_lightning.data.datamodule import SELECTIONS, DMLDataModule, check_batch_shape
 from ddtas_lightning.data.image_dataset import BAD_IMAGE_MODES
+from ddtas_lightning.evaluate import per_class_json, run_evaluation
 from ddtas_lightning.module import DMLModule, NonFiniteLossError
-from ddtas_lightning.run_record import ComputeMeter, ValidationHistory, process_cpu_s
-from ddtas_lightning.validation import ConfigError, as_float, as_int, check_choice
-from ddtas_lightning.config_checks import check_run_values
 from ddtas_lightning.run_dir import check_run_dir_writable, run_callbacks
+from ddtas_lightning.run_output import progress_options, show_config
+from ddtas_lightning.run_record import ComputeMeter, ValidationHistory, process_cpu_s
 from ddtas_lightning.signals import SIGTERMException, exit_for_signal
+from ddtas_lightning.validation import ConfigError, as_float, as_int, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -61,22 +61,20 @@ def test_arm_composes_into_its_configuration(arm, tiny_cfg):
         instantiate(cfg[group])
 
 
-def sweep_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def multirun_cli(head: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "ddtas_lightning.train", "-m", "experiment=threshold_grid",
-         f"paths.data_dir={cwd}/data", *SMALL, *overrides],
+        [sys.executable, "-m", "ddtas_lightning.train", "-m", head, f"paths.data_dir={cwd}/data", *SMALL, *overrides],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
     )
+
+
+def sweep_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return multirun_cli("experiment=threshold_grid", *overrides, cwd=cwd)
 
 
 def tpe_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "ddtas_lightning.train", "-m", "hparams_search=threshold_tpe",
-         f"paths.data_dir={cwd}/data", *SMALL, *overrides],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
-    )
+    return multirun_cli("hparams_search=threshold_tpe", *overrides, cwd=cwd)
 
 
 def test_two_point_sweep_and_a_tpe_study_then_compare(tmp_path, capsys):

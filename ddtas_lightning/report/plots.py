@@ -27,7 +27,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-
 from scipy.stats import spearmanr  # noqa: E402
 
 from ddtas_lightning.report.stats import t_interval  # noqa: E402
@@ -92,6 +91,20 @@ def plot_r1_vs_threshold(c: Comparison, path: Path) -> Path | None:
     return path
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8,
+            which: str = "major", title_size: float | None = None) -> Path:
+    """Label, grid, legend and save a single-axes figure; returns ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3, which=which)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _seed_mean(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
     by_step: dict[int, list[float]] = defaultdict(list)
     for curve in curves:
@@ -128,15 +141,8 @@ def plot_lambda_curves(c: Comparison, path: Path) -> Path | None:
     if c.best_static is not None and c.best_static.arm.first.loss_threshold is not None:
         ax.axhline(c.best_static.arm.first.loss_threshold, color="black", linestyle=":", linewidth=1.5,
                    label=f"grid λ chosen on validation ({c.best_static.label})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("λ (loss threshold)")
-    ax.set_title("Learned λ over training (dotted: the static grid)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "training step", "λ (loss threshold)",
+                   "Learned λ over training (dotted: the static grid)")
 
 
 def plot_at_asms_curves(c: Comparison, path: Path) -> Path | None:
@@ -196,15 +202,9 @@ def plot_quality_vs_compute(c: Comparison, path: Path) -> Path | None:
             ax.step([x for x, *_ in curve], [100 * t for _, _, t, _ in curve], where="post", alpha=0.7,
                     label=f"TPE best so far (seed {fam.seed})")
     ax.set_xscale("log")
-    ax.set_xlabel("training CPU seconds (per run; the grid: all its points)")
-    ax.set_ylabel("test R@1 (%), mean ± 95% t interval over seeds")
-    ax.set_title("Quality against compute (grey: static grid points)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "training CPU seconds (per run; the grid: all its points)",
+                   "test R@1 (%), mean ± 95% t interval over seeds", "Quality against compute (grey: static grid points)",
+                   legend_size=7, which="both")
 
 
 def plot_tpe_best_so_far(c: Comparison, path: Path) -> Path | None:
@@ -221,15 +221,8 @@ def plot_tpe_best_so_far(c: Comparison, path: Path) -> Path | None:
     for s in learned:
         ax.axvline(s.cpu.mean, color=colors[s.label], linestyle="--", linewidth=1,
                    label=f"one {s.label} run ({s.cpu.mean:.0f} CPU s, R@1 {100 * s.r1.mean:.1f})")
-    ax.set_xlabel("cumulative training CPU seconds of the study")
-    ax.set_ylabel("test R@1 (%)")
-    ax.set_title("Optuna TPE: best so far (chosen on validation) against compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "cumulative training CPU seconds of the study", "test R@1 (%)",
+                   "Optuna TPE: best so far (chosen on validation) against compute", legend_size=7)
 
 
 def plot_val_vs_test(c: Comparison, path: Path) -> Path | None:
@@ -246,15 +239,8 @@ def plot_val_vs_test(c: Comparison, path: Path) -> Path | None:
         if xs:
             ax.scatter(xs, ys, marker=marker, alpha=0.7, label=kind)
     rho = spearmanr([x for x, _, _ in points], [y for _, y, _ in points]).statistic
-    ax.set_xlabel("validation R@1 (%) of the selected checkpoint")
-    ax.set_ylabel("test R@1 (%)")
-    ax.set_title(f"Does the validation pick transfer? Spearman ρ = {rho:.2f} ({len(points)} runs)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "validation R@1 (%) of the selected checkpoint", "test R@1 (%)",
+                   f"Does the validation pick transfer? Spearman ρ = {rho:.2f} ({len(points)} runs)", title_size=9)
 
 
 def write_plots(c: Comparison, out_dir: Path) -> list[Path]:
