@@ -703,10 +703,10 @@ CASES = [
          "framework. To start from backbone weights use backbone.checkpoint_path instead", 2),
     Case("ckpt-other-backbone-dim", "checkpoint", "resume a `backbone.dim=16` run with `backbone.dim=32`",
          config("ckpt_path={ckpt}", "backbone.dim=32"), ConfigError,
-         r"ckpt_path: checkpoint .*last.ckpt was written under another config: .* from config group\(s\) backbone "
-         r"\(2 shape mismatches: model.head.bias: \(16,\) in the checkpoint, \(32,\) here, model.head.weight: "
-         r"\(16, 512\) in the checkpoint, \(32, 512\) here\); config values that differ: backbone.dim: 16 in the "
-         r"checkpoint's run, 32 here",
+         # train(): the state_dict check names the shapes too; the CLI's run-dir guard (before Hydra rewrites
+         # .hydra/) stops at the config comparison: both name the differing value
+         r"ckpt_path: checkpoint .*last.ckpt was written under another config: .*config values that differ: "
+         r"backbone.dim: 16 in the checkpoint's run, 32 here",
          "ckpt_path: checkpoint <run>/checkpoints/last.ckpt was written under another config: its state_dict does "
          "not match the model built now from config group(s) backbone (2 shape mismatches: model.head.bias: (16,) "
          "in the checkpoint, (32,) here, model.head.weight: (16, 512) in the checkpoint, (32, 512) here); config "

@@ -43,8 +43,8 @@ Checked for each policy: the per-step train loss logged by the CSV logger, every
 policy state (lambda / Adam moments / MMSI memory) after every step (ranks must agree *exactly*; DDP
 broadcasts buffers from rank 0 before each forward, which would hide a divergence, so the state is
 recorded right after the step by :class:`RankStateDump`), the final weights of every rank and of
-``last.ckpt``, the dataset indices each rank trained on, and the evaluation: the 35-image test set
-(odd, so rank 1's shard is padded with a repeat) must give the same retrieval metrics and count 35
+``last.ckpt``, the dataset indices each rank trained on, and the evaluation: the 49-image test set
+(odd, so rank 1's shard is padded with a repeat) must give the same retrieval metrics and count 49
 queries, i.e. the padded duplicate was removed by dataset index after the gather.
 
 The static policy is the fast check of the default suite (~25 s on an idle 2-core machine: three
@@ -67,11 +67,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 10 synthetic classes: 5 train classes x 7 images (one of them held out: a 7-image validation set) and a
-# 35-image (odd) test set. P x K = 4 x 2, so each
+# 14 synthetic classes: 7 train classes x 7 images, of which 2 are held out for validation (data.selection=val:
+# a 14-image validation set) and 5 train, and a 49-image (odd) test set. P x K = 4 x 2, so each
 # of the 2 ranks gets 2 classes x 2 images per step; 4 steps in one epoch, then validation and test.
 TINY = [
-    "dataset.source.num_classes=10",
+    "dataset.source.num_classes=14",
     "dataset.source.images_per_class=7",
     "dataset.image_size=32",
     "data.batch_size=8",
@@ -97,8 +97,8 @@ TINY = [
     "evaluate_before_training=true",
     "test_after_training=true",
 ]
-TEST_SET_SIZE = 35
-VAL_SET_SIZE = 7  # data.selection=val: 1 of the 5 train classes (odd too: rank 1's shard is padded)
+TEST_SET_SIZE = 49  # odd: rank 1's shard is padded with a repeat
+VAL_SET_SIZE = 14
 RTOL, ATOL = 1e-9, 1e-12  # float64 runs; see the module docstring
 # The module logs lambda (like every policy log) as float32: its logged value is compared at float32's
 # resolution (the float64 lambda in the policy state is compared at RTOL).

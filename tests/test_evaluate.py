@@ -129,7 +129,7 @@ def test_exports_reload_and_give_the_evaluation_neighbours(evaluated):
 
 
 @pytest.mark.slow  # two more evaluate processes
-def test_val_split_and_bad_input(trained):
+def test_val_split_and_bad_input(trained, evaluated):  # evaluated: the test-split run it compares with
     proc = run_eval(trained, f"ckpt_path={best_checkpoint(trained)}", "split=val", "inspect.map=false",
                     "inspect.gallery=false", "inspect.export=false", name="eval_val")
     assert proc.returncode == 0, proc.stderr[-3000:]
