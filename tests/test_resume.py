@@ -71,15 +71,10 @@ def variant(name):
     return pytest.param(name, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("name", [variant(n) for n in VARIANTS])
-def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir, name):
-    """Stopped after 7 of 10 steps (batch 2 of epoch 1, from the step-7 last.ckpt), then resumed: the
-    sampler continues with batch 3 of epoch 1 (same indices, same augmentation seeds), the RNG and
-    the miner generator continue, and the end state (weights, BN statistics, policy buffers such as
-    lambda, its moments or a memory) equals the uninterrupted run's bit for bit."""
+def resumed_equals_uninterrupted(tmp_path, data_dir, overrides: list[str], tiny: bool = True) -> dict:
+    """Train 10 steps, and 7 steps then a resume from the step-7 last.ckpt to 10: the two end states
+    must be equal bit for bit. Returns the end state."""
     from tests.conftest import TINY_DATA
-
-    overrides, tiny = VARIANTS[name]
 
     def cfg(run, *extra):
         return compose_train([*(TINY_DATA if tiny else []), *RUN, *MID_EPOCH, *overrides,
@@ -95,5 +90,16 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir, name):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+    return a
+
+
+@pytest.mark.parametrize("name", [variant(n) for n in VARIANTS])
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir, name):
+    """Stopped after 7 of 10 steps (batch 2 of epoch 1, from the step-7 last.ckpt), then resumed: the
+    sampler continues with batch 3 of epoch 1 (same indices, same augmentation seeds), the RNG and
+    the miner generator continue, and the end state (weights, BN statistics, policy buffers such as
+    lambda, its moments or a memory) equals the uninterrupted run's bit for bit."""
+    overrides, tiny = VARIANTS[name]
+    a = resumed_equals_uninterrupted(tmp_path, data_dir, overrides, tiny)
     if name == "mmsi":
         assert any(k.endswith("embeddings") and v.numel() > 0 for k, v in a.items())  # the memory is filled
