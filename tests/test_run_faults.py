@@ -61,6 +61,15 @@ def paused_run(tmp_path: Path, data_dir: Path, run_dir: Path, *extra: str) -> tu
     return proc, marker
 
 
+def stop_with(sig: signal.Signals, tmp_path: Path, data_dir: Path, run_dir: Path) -> tuple[int, str]:
+    """A run paused after step STOP_AT, sent ``sig``: its exit code and output."""
+    proc, marker = paused_run(tmp_path, data_dir, run_dir)
+    wait_for(marker, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ddtas_lightning.train", *overrides], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=300)
@@ -72,11 +81,8 @@ def test_sigterm_saves_last_ckpt_exits_143_and_the_resume_matches_an_uninterrupt
     train(compose_train([*base, f"paths.output_dir={full_dir}"], tmp_path, data_dir))
 
     run_dir = tmp_path / "stopped"
-    proc, marker = paused_run(tmp_path, data_dir, run_dir)
-    wait_for(marker, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out[-3000:]
+    code, out = stop_with(signal.SIGTERM, tmp_path, data_dir, run_dir)
+    assert code == 143, out[-3000:]
     last_line = out.strip().splitlines()[-1]
     assert last_line.startswith(f"error: stopped by SIGTERM at step {STOP_AT}; the state at the signal is saved in "
                                 f"{run_dir}/checkpoints/last.ckpt. Resume with: python -m ddtas_lightning.train ")
@@ -97,11 +103,8 @@ def test_sigterm_saves_last_ckpt_exits_143_and_the_resume_matches_an_uninterrupt
 @pytest.mark.slow  # ~25 s: one more CLI run; the SIGTERM test covers the same path (SIGINT sets the same flag)
 def test_sigint_saves_last_ckpt_and_exits_130(tmp_path, data_dir):
     run_dir = tmp_path / "interrupted"
-    proc, marker = paused_run(tmp_path, data_dir, run_dir)
-    wait_for(marker, proc)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
+    code, out = stop_with(signal.SIGINT, tmp_path, data_dir, run_dir)
+    assert code == 130, out[-3000:]
     assert out.strip().splitlines()[-1].startswith(f"error: stopped by SIGINT at step {STOP_AT}")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STOP_AT
 
