@@ -1,27 +1,44 @@
-"""Cost of one ``threshold_policy=meta`` training step relative to one static step.
+"""Cost of one ``threshold_policy=meta`` / ``hypergrad`` training step relative to one static step.
 
 Same model, batches, miner and loss for every variant, all measured in the same run:
   Embedder("resnet18", dim=128, freeze_bn=True) at 64x64, train batch 32 (8 classes x 4),
   meta batch 10 (5 x 2), AT-ASMS miner + SoftContrastive loss, Adam on the model.
 A *step* is what ``DMLModule.training_step`` does: ``policy.step`` (embed, mine, loss; plus the
 virtual step and the lambda update for ``meta``), ``zero_grad``, ``backward`` of the returned loss,
-``optimizer.step``.
+``optimizer.step``, then ``policy.after_optimizer_step`` (where hypergrad advances its tangent Z).
 Variants: static | meta exact (``exact_impl="identity"``, the default) | meta exact-double_backward
 | meta jvp (``jvp_reuse_forward=True``, the default) | meta jvp-separate (``jvp_reuse_forward=False``)
 | meta jvp every=4 (``every=4``: timed over whole periods of 4 steps, per step) | meta head-only
-(``meta_params=head``, where the policy offers it; else the row says "not available").
+(``meta_params=head``, where the policy offers it; else the row says "not available")
+| hypergrad ``meta_params`` all | head x ``meta_objective`` loss | nca (``HypergradThreshold``, its other
+defaults; the sweep's arm is head-nca) | hypergrad all-nca every=4 (the amortisation, where the policy
+offers ``every``; it does not yet: "not available").
+Tiny model (the cached-feature mode: ``backbone=mlp`` on 512-d vectors, ``MLPEmbedder(in_dim=512)`` with
+conf/backbone/mlp.yaml's hidden [128, 128], dim 32; same batch sizes, miner, loss and optimiser): mlp
+static | mlp meta jvp | mlp hypergrad all-nca | head-nca, in the same rounds, printed in a table of their
+own against ``mlp static`` (no bounds there: a step of this model is mostly per-call overhead, not passes).
 Units (rows ``unit: ...``, timed in the same rounds): a forward of the train batch, its forward +
 backward, the meta batch's forward + backward, its forward alone (no graph), a graph-free
-forward-mode pass (primal + tangent) over the train batch, and one optimiser step.
+forward-mode pass (primal + tangent) over the train batch, one optimiser step, and one forward-over-reverse
+pass over the train batch (the gradient and one Hessian-vector product, ``gradient_and_tangent``).
 
 Lower bounds. Each variant needs a fixed set of passes; with the units' measured times the cheapest
 step that set allows is (F = forward, B = backward of the train batch, M = meta forward + backward,
-Mf = meta forward, T = forward-mode pass with its primal, O = optimiser step, static = F + B + O):
+Mf = meta forward, T = forward-mode pass with its primal, O = optimiser step, H = forward-over-reverse
+pass (primal forward and backward with their tangents), static = F + B + O):
   jvp (reuse)     static + M + (T - F)      the tangent rides on the real forward
   jvp-separate    static + M + T
   exact identity  static + M + 2 B          virtual-step gradient and cotangent backward
   head-only       static + Mf               the tangent and meta backward stop at the head (~0)
   every=k         ((k - 1) static + jvp) / k
+  hypergrad all   static + M + H + O         the meta gradient at theta_t, one HVP of the train loss (the
+                                             policy returns the loss the step back-propagates, so the HVP
+                                             pass's own gradient is computed again), the tangent's
+                                             optimiser rule (Adam: Z and both moments' tangents, >= O)
+  hypergrad head  static + Mf + F            as head-only, plus the HVP pass's backbone forward (it does
+                                             not reuse the real forward's features; reusing them: static + Mf)
+  hypergrad every=k  hypergrad all - (k - 1) M / k   only the meta gradient can be held: Z follows every
+                                             real update, so the HVP and the tangent update stay per step
 The ``targets`` table prints measured / static, the bound as a multiple of the static step's own
 passes (``F + B + O``, both from the unit rows, so load changes between them cancel) and
 measured / bound (1.00 = no time left beyond the passes the algorithm needs).
@@ -33,7 +50,8 @@ with the high-water mark reset just before the step (``echo 5 > /proc/self/clear
 freed heap pages resident, which would hide the step's allocations, so ``malloc_trim(0)`` hands them
 back to the kernel first (they must then be faulted in again, and count, when the step reuses them).
 tracemalloc is not used: it does not see torch's allocations. On CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated``
-minus the allocated memory before the step.
+minus the allocated memory before the step. Hypergrad's tangent store (Z and the optimiser moments'
+tangents, C x N each) lives across steps, so it is not in a step's growth: printed on its own line.
 Targets (issue 15): jvp <= 1.5x, exact <= 2.0x, head-only <= 1.15x the static step's time; where the
 lower bound lies above a target, the target is out of reach for that algorithm on this set-up.
 Threads: one intra-op thread by default (``--threads 0``: torch's default). On a small shared machine,
@@ -65,10 +83,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddtas_lightning.losses import SoftContrastiveLoss  # noqa: E402
 from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS  # noqa: E402
 from ddtas_lightning.models import Embedder  # noqa: E402
-from ddtas_lightning.policies import MetaThreshold, StaticThreshold, StepBatch  # noqa: E402
-from ddtas_lightning.policies.virtual_step import FunctionalModel, loss_and_gradient  # noqa: E402
+from ddtas_lightning.models.mlp import MLPEmbedder  # noqa: E402
+from ddtas_lightning.policies import HypergradThreshold, MetaThreshold, StaticThreshold, StepBatch  # noqa: E402
+from ddtas_lightning.policies.virtual_step import (  # noqa: E402
+    FunctionalModel,
+    gradient_and_tangent,
+    loss_and_gradient,
+)
 
 TARGETS = {"meta jvp": 1.5, "meta exact": 2.0, "meta head-only": 1.15}
+HYPERGRAD_OBJECTIVES = ("loss", "nca")
 NOT_AVAILABLE = "not available"
 
 
@@ -106,6 +130,7 @@ def make_step(policy, model, loss_fn, miner, batch, opt):
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        policy.after_optimizer_step(opt)  # as DMLModule.training_step (hypergrad's tangent update)
         return out
 
     return step
@@ -165,8 +190,26 @@ def unit_steps(model, images, meta_images, opt) -> dict:
             "unit: T tangent pass": tangent_pass, "unit: O optimizer": optimizer_step}
 
 
+def hvp_unit(model, images) -> dict:
+    """``unit: H hvp pass``: one forward-over-reverse pass over the train batch, the gradient and its
+    derivative along a random direction of every parameter (the Hessian-vector product hypergrad takes
+    per step), through the policies' own ``gradient_and_tangent``."""
+    fm = FunctionalModel(model)
+    direction = {n: torch.randn_like(p) * 1e-3 for n, p in fm.params.items()}
+    control = torch.ones((), device=images.device)
+
+    def loss_of(params, c):
+        emb = fm(images, params, update_buffers=False)
+        return c * (emb @ emb.T).sum()
+
+    def hvp():
+        return gradient_and_tangent(loss_of, fm.params, control, direction, torch.ones_like(control))
+
+    return {"unit: H hvp pass": hvp}
+
+
 def unit_medians(times: dict) -> dict[str, float]:
-    """The units' median times by their letter (F, F+B, M, Mf, T, O)."""
+    """The units' median times by their letter (F, F+B, M, Mf, T, O, H)."""
     return {name.split()[1]: statistics.median(t) for name, t in times.items() if name.startswith("unit: ")}
 
 
@@ -183,6 +226,12 @@ def lower_bounds(u: dict[str, float], every: int) -> dict[str, float]:
         "meta head-only": static + u["Mf"],
         f"meta jvp every={every}": ((every - 1) * static + jvp) / every,
     }
+    if "H" in u:  # hypergrad (see the module docstring)
+        full = static + u["M"] + u["H"] + u["O"]
+        for objective in HYPERGRAD_OBJECTIVES:
+            bounds[f"hypergrad all-{objective}"] = full
+            bounds[f"hypergrad head-{objective}"] = static + u["Mf"] + u["F"]
+        bounds[f"hypergrad all-nca every={every}"] = full - (every - 1) * u["M"] / every
     return {name: t / static for name, t in bounds.items()}
 
 
@@ -215,11 +264,22 @@ def print_targets(times: dict, bounds: dict[str, float], targets: dict[str, floa
     return missed
 
 
-def head_only_policy() -> MetaThreshold | None:
-    """``MetaThreshold(mode="jvp", meta_params="head")`` where the policy has that option."""
-    if "meta_params" not in inspect.signature(MetaThreshold.__init__).parameters:
+def optional_policy(cls, **kwargs):
+    """``cls(**kwargs)``, or None where the policy has no such option (its row says "not available")."""
+    if not kwargs.keys() <= inspect.signature(cls.__init__).parameters.keys():
         return None
-    return MetaThreshold(mode="jvp", meta_params="head")
+    return cls(**kwargs)
+
+
+def hypergrad_policies(objectives=HYPERGRAD_OBJECTIVES, params=("all", "head"), prefix="") -> dict:
+    """``{prefix}hypergrad {params}-{objective}``: one ``HypergradThreshold`` per combination."""
+    return {f"{prefix}hypergrad {which}-{objective}": HypergradThreshold(meta_params=which, meta_objective=objective)
+            for which in params for objective in objectives}
+
+
+def tangent_state_mib(policy) -> float:
+    """Hypergrad's tangent store kept between steps (Z and its optimiser-moment tangents), MiB."""
+    return sum(b.numel() * b.element_size() for b in (policy.tangent, policy.opt_tangent, policy.opt_tangent_sq)) / 2**20
 
 
 def peak_memory_mib(step, device: torch.device) -> float | None:
@@ -267,14 +327,15 @@ def measure_steps(steps: dict, device: torch.device, warmup: int, repeats: int, 
     return times, memory, outputs
 
 
-def print_ratio_table(times: dict, memory: dict, width: int = 22) -> dict[str, float]:
-    """One row per variant: median / min time and peak memory, each also as a ratio to ``static``
-    (measured in the same run). Returns the median-time ratio of every variant."""
-    base_med, base_min = statistics.median(times["static"]), min(times["static"])
-    base_mem = statistics.median(memory["static"]) if memory["static"] else None
+def print_ratio_table(times: dict, memory: dict, width: int = 22, baseline: str = "static",
+                      names=None) -> dict[str, float]:
+    """One row per variant (``names``, default all): median / min time and peak memory, each also as a
+    ratio to ``baseline`` (measured in the same run). Returns the median-time ratio of every variant."""
+    base_med, base_min = statistics.median(times[baseline]), min(times[baseline])
+    base_mem = statistics.median(memory[baseline]) if memory[baseline] else None
     print(f"{'variant':<{width}}{'median s':>10}{'min s':>9}{'x static':>10}{'x (min)':>9}{'peak MiB':>10}{'x static':>10}")
     ratios = {}
-    for name in times:
+    for name in times if names is None else names:
         if not times[name]:
             print(f"{name:<{width}}{NOT_AVAILABLE:>10}")
             continue
@@ -294,7 +355,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--every", type=int, default=4, help="k of the every=k variant")
-    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up, 1 memory repeat, no extra variants")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up, 1 memory repeat, no extra "
+                        "variants (meta exact-double_bw, jvp-separate, hypergrad *-loss)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a time target is missed")
     args = parser.parse_args()
     if args.quick:
@@ -320,20 +382,42 @@ def main() -> int:
         "meta exact-double_bw": MetaThreshold(mode="exact", exact_impl="double_backward"),
         "meta jvp": MetaThreshold(mode="jvp", jvp_reuse_forward=True),
         "meta jvp-separate": MetaThreshold(mode="jvp", jvp_reuse_forward=False),
-        "meta head-only": head_only_policy(),
+        "meta head-only": optional_policy(MetaThreshold, mode="jvp", meta_params="head"),
+        **hypergrad_policies(),
     }
     if args.quick:
-        for name in ("meta exact-double_bw", "meta jvp-separate"):
+        for name in ("meta exact-double_bw", "meta jvp-separate", "hypergrad all-loss", "hypergrad head-loss"):
             del policies[name]
     steps = {name: make_step(p.to(device), model, loss_fn, miner, batch, opt)
              for name, p in policies.items() if p is not None}
-    every_name = f"meta jvp every={args.every}"
-    steps[every_name] = make_period_step(MetaThreshold(mode="jvp", every=args.every).to(device), model, loss_fn,
-                                         miner, batch, opt, args.every)
+    every = {f"meta jvp every={args.every}": MetaThreshold(mode="jvp", every=args.every),
+             f"hypergrad all-nca every={args.every}": optional_policy(
+                 HypergradThreshold, meta_params="all", meta_objective="nca", every=args.every)}
+    for name, p in every.items():
+        if p is not None:
+            steps[name] = make_period_step(p.to(device), model, loss_fn, miner, batch, opt, args.every)
     steps.update(unit_steps(model, batch.images, batch.meta_images, opt))
+    steps.update(hvp_unit(model, batch.images))
+
+    # the cached-feature mode's tiny model: backbone=mlp on 512-d vectors (conf/backbone/mlp.yaml's layers)
+    torch.manual_seed(0)
+    mlp = MLPEmbedder(in_dim=512).to(device).train()
+    mlp_batch = StepBatch(
+        images=torch.randn(32, 512, generator=g).to(device), labels=batch.labels,
+        meta_images=torch.randn(10, 512, generator=g).to(device), meta_labels=batch.meta_labels,
+    )
+    mlp_opt = torch.optim.Adam(mlp.parameters(), lr=1e-5, weight_decay=5e-4)
+    mlp_policies = {"mlp static": StaticThreshold(), "mlp meta jvp": MetaThreshold(mode="jvp"),
+                    **hypergrad_policies(objectives=("nca",), prefix="mlp ")}
+    steps.update({name: make_step(p.to(device), mlp, loss_fn, miner, mlp_batch, mlp_opt)
+                  for name, p in mlp_policies.items()})
 
     times, memory, _ = measure_steps(steps, device, args.warmup, args.repeats, args.memory_repeats)
-    per_step(times, every_name, args.every)
+    for name, p in every.items():
+        if p is None:
+            times[name], memory[name] = [], []
+        else:
+            per_step(times, name, args.every)
     for name, p in policies.items():
         if p is None:
             times[name], memory[name] = [], []
@@ -343,10 +427,19 @@ def main() -> int:
           f"resnet18 dim=128 64x64, batch 32 (8x4), meta 10 (5x2), repeats={args.repeats} warmup={args.warmup}")
     mem_kind = "CUDA max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (VmHWM - VmRSS)"
     print(f"memory: {mem_kind}, median of {args.memory_repeats}")
-    print_ratio_table(times, memory, width=22)
+    width = 27
+    print_ratio_table(times, memory, width=width, names=[n for n in times if n not in mlp_policies])
+    print("hypergrad tangent store kept between steps (not in the peak growth): " + ", ".join(
+        f"{name.split()[-1]} {tangent_state_mib(p):.1f} MiB" for name, p in {**policies, **mlp_policies}.items()
+        if isinstance(p, HypergradThreshold) and name.startswith("hypergrad")))
+    print("\ncached-feature mode: MLPEmbedder(in_dim=512, hidden=[128, 128], dim=32) on 512-d vectors, vs mlp static:")
+    print_ratio_table(times, memory, width=width, baseline="mlp static", names=list(mlp_policies))
+    print("mlp hypergrad tangent store: " + ", ".join(
+        f"{name.split()[-1]} {tangent_state_mib(p):.2f} MiB" for name, p in mlp_policies.items()
+        if isinstance(p, HypergradThreshold)))
     print("\ntargets (median time; bound = the variant's passes from the unit rows, see --help):")
     bounds = lower_bounds(unit_medians(times), args.every)
-    missed = print_targets(times, bounds, TARGETS, width=22)
+    missed = print_targets(times, bounds, TARGETS, width=width)
     print("targets: " + ("all met" if not missed else "missed " + "; ".join(missed)))
     return 1 if (missed and args.strict) else 0
 
