@@ -547,7 +547,8 @@ CASES = [
            config(POLICY, f"threshold_policy.{key}={bad}"), ConfigError,
            rf"threshold_policy.{key} must be one of \({re.escape(allowed)}\), got '{bad}'",
            f"threshold_policy.{key} must be one of ({allowed}), got '{bad}'", 2)
-      for key, bad, allowed in (("mode", "fast", "'exact', 'jvp'"), ("granularity", "per_pair", "'scalar', 'pos_neg'"),
+      for key, bad, allowed in (("mode", "fast", "'exact', 'jvp'"),
+                                ("granularity", "per_pair", "'scalar', 'pos_neg', 'per_anchor'"),
                                 ("step_rule", "sgd", "'adam', 'sign'"),
                                 ("exact_impl", "hvp", "'identity', 'double_backward'"))],
     Case("policy-min-above-max", C, f"`{POLICY} threshold_policy.min=0.8 threshold_policy.max=0.4`",

@@ -16,7 +16,10 @@ class MetricLoss(nn.Module):
     sim: (B, M) cosine similarities with a graph.
     selection: the miner's :class:`PairSelection` (``PairSelection.all_pairs`` for no mining).
     threshold: the loss threshold lambda as a tensor, so a policy can differentiate through it:
-        0-d (one lambda) or shape (2,) = (lambda_pos, lambda_neg). ``None`` uses ``self.threshold``.
+        0-d (one lambda), shape (2,) = (lambda_pos, lambda_neg), or one lambda per anchor row: shape
+        (B, 1), or (B,) when B != 2 (a (2,) tensor always means (pos, neg), so a per-anchor threshold
+        of a 2-row batch must be given as (B, 1)); it applies to every pair of its row, positive or
+        negative. ``None`` uses ``self.threshold``.
     weights: optional (B, M) per-pair weights (MMSI / pair-weight policies); how they enter is
         documented per loss.
     The result is exactly zero, with a graph to ``sim``, when nothing is selected; never NaN.
@@ -27,7 +30,8 @@ class MetricLoss(nn.Module):
         self.threshold = as_float("loss.threshold", threshold)
 
     def resolve_threshold(self, sim: Tensor, threshold: Tensor | float | None) -> tuple[Tensor, Tensor]:
-        """(lambda_pos, lambda_neg) as 0-d tensors in ``sim``'s dtype/device."""
+        """(lambda_pos, lambda_neg) in ``sim``'s dtype/device: 0-d tensors, or both the same (B, 1)
+        column for a per-anchor threshold, which broadcasts along the rows of the (B, M) ``sim``."""
         if threshold is None:
             threshold = self.threshold
         if isinstance(threshold, Tensor):
@@ -36,9 +40,16 @@ class MetricLoss(nn.Module):
             t = torch.as_tensor(threshold, dtype=sim.dtype, device=sim.device)
         if t.ndim == 0:
             return t, t
-        if t.shape == (2,):
+        if is_pos_neg(t):
             return t[0], t[1]
-        raise ValueError(f"threshold must be a scalar or a (pos, neg) pair, got shape {tuple(t.shape)}")
+        rows = sim.shape[0]
+        if t.shape in ((rows,), (rows, 1)):
+            col = t.reshape(rows, 1)
+            return col, col
+        raise ValueError(
+            f"threshold must be a scalar, a (pos, neg) pair or one per anchor row ((B,) or (B, 1), "
+            f"B = {rows}), got shape {tuple(t.shape)}"
+        )
 
     def forward(
         self,
@@ -67,6 +78,11 @@ class MetricLoss(nn.Module):
         else:
             selection = PairSelection.from_indices_tuple(indices_tuple, sim.shape[0], sim.shape[1])
         return self(sim, selection, **kwargs)
+
+
+def is_pos_neg(threshold: Tensor | float | None) -> bool:
+    """Whether a threshold is the (lambda_pos, lambda_neg) pair: shape (2,), whatever B is."""
+    return threshold is not None and tuple(torch.as_tensor(threshold).shape) == (2,)
 
 
 def zero_loss(sim: Tensor) -> Tensor:
@@ -111,4 +127,4 @@ def masked_log1p_sum_exp(x: Tensor, mask: Tensor, weights: Tensor | None = None)
     return c + torch.log(torch.exp(-c) + e.sum(dim=1))
 
 
-__all__ = ["MetricLoss", "zero_loss", "label_masks"]
+__all__ = ["MetricLoss", "is_pos_neg", "zero_loss", "label_masks"]

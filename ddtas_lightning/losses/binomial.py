@@ -20,7 +20,8 @@ class BinomialDevianceLoss(MetricLoss):
     counted in B). Mining is the miner's job here (``miner=none`` = the code's default).
     ``normalize_scales=True`` multiplies the two terms by 2/scale_pos and 2/scale_neg, as the code's
     ``hard_mining`` branch does (which then equals ``soft_contrastive`` with lambda = 0.5).
-    ``threshold``: 0-d or (2,) = (lambda_pos, lambda_neg). ``weights``: (B, M), multiplying each
+    ``threshold``: 0-d, (2,) = (lambda_pos, lambda_neg), or per anchor row ((B,) or (B, 1)).
+    ``weights``: (B, M), multiplying each
     pair's term. fp16/bf16 are computed in float32.
     """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddtas_lightning.losses.base import MetricLoss, pair_weights, upcast
+from ddtas_lightning.losses.base import MetricLoss, is_pos_neg, pair_weights, upcast
 from ddtas_lightning.miners.selection import PairSelection
 
 
@@ -16,7 +16,8 @@ class ContrastiveLoss(MetricLoss):
     Sums over the selected pairs, divided by the number of anchors B (anchors without pairs count in
     B). ``threshold`` lambda = the negative margin (0.5); ``pos_margin`` = 1.0 makes the positive term
     ``1 - S`` for every positive, as in the code. A (2,) threshold is (pos_margin, lambda), i.e. it
-    replaces ``pos_margin`` too.
+    replaces ``pos_margin`` too; a per-anchor threshold ((B,) or (B, 1)) is each row's lambda
+    (``pos_margin`` stays), like the 0-d one.
 
     Choice made here: the code writes the negative term as ``sum_{S_n > lambda} S_n`` (and the
     positive term ``sum_{S_p < 0.9} (1 - S_p)``); ``relu(S_n - lambda)`` has the same gradient w.r.t.
@@ -37,7 +38,7 @@ class ContrastiveLoss(MetricLoss):
         weights: Tensor | None = None,
     ) -> Tensor:
         s = upcast(sim)
-        if threshold is not None and torch.as_tensor(threshold).ndim == 1:
+        if is_pos_neg(threshold):
             pos_margin, lam = self.resolve_threshold(s, threshold)
         else:
             _, lam = self.resolve_threshold(s, threshold)

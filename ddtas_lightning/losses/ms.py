@@ -23,7 +23,8 @@ class MultiSimilarityLoss(MetricLoss):
     tuple has length <= 1 (e.g. exactly one mined positive and one mined negative pair); we return the
     formula's value there.
 
-    ``threshold``: 0-d (one lambda) or (2,) = (lambda_pos, lambda_neg), differentiable.
+    ``threshold``: 0-d (one lambda), (2,) = (lambda_pos, lambda_neg), or one lambda per anchor row
+    ((B,) or (B, 1): row i uses lambda_i for its positives and negatives), differentiable.
     ``weights``: optional (B, M), >= 0, multiplying each pair's exponential inside the log-sum.
     fp16/bf16 inputs are computed in float32 and the loss is returned in float32.
     """

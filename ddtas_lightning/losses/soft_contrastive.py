@@ -29,7 +29,7 @@ def mean_softplus_loss(
 
     Valid anchors have at least one selected positive and one selected negative; the others are
     skipped but still count in B. The means divide by the number of selected pairs (not by the sum of
-    the weights).
+    the weights). ``lam_pos`` / ``lam_neg``: 0-d, or (B, 1) columns (one lambda per anchor row).
     """
     pos, neg = selection.pos_mask, selection.neg_mask
     pos_terms = F.softplus(-scale_pos * (s - lam_pos))
@@ -53,7 +53,8 @@ class SoftContrastiveLoss(MetricLoss):
 
     beta = ``scale_pos`` (2), alpha = ``scale_neg`` (40), lambda = ``threshold`` (0.7), as in the
     DDTAS code. Anchors with an empty mined positive or negative set are skipped (they still count
-    in B). ``threshold``: 0-d or (2,) = (lambda_pos, lambda_neg), differentiable. ``weights``:
+    in B). ``threshold``: 0-d, (2,) = (lambda_pos, lambda_neg), or per anchor row ((B,) or (B, 1)),
+    differentiable. ``weights``:
     optional (B, M), multiplying each pair's softplus term. fp16/bf16 are computed in float32.
 
     ``compat_floor_div_bug=True`` reproduces DDTAS ``losses/MS.py`` (spec §6.4): there the mined

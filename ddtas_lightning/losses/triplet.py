@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddtas_lightning.losses.base import MetricLoss, upcast
+from ddtas_lightning.losses.base import MetricLoss, is_pos_neg, upcast
 from ddtas_lightning.miners.selection import DISTANCES, PairSelection, distance_from_dots, enumerate_triplets
 from ddtas_lightning.validation import ConfigError, check_choice
 
@@ -20,7 +20,8 @@ class TripletMarginLoss(MetricLoss):
     the triplet miners for a batch against itself) the distances are those of raw (un-normalised)
     embeddings, the squared norms read off the diagonal of S: ``S_aa + S_bb - 2 S_ab`` (and its root). ``threshold`` is the margin
     (default 0.2). A (2,) threshold (m_pos, m_neg) is read as the margin split into a pull and a push
-    part: ``relu((d(a,p) + m_pos) - (d(a,n) - m_neg))``, i.e. margin = m_pos + m_neg.
+    part: ``relu((d(a,p) + m_pos) - (d(a,n) - m_neg))``, i.e. margin = m_pos + m_neg. A per-anchor
+    threshold ((B,) or (B, 1)) gives each triplet the margin of its anchor row a.
 
     Triplets: ``selection.triplets`` when the miner produced them, else every (a, p, n) with
     ``pos_mask[a, p]`` and ``neg_mask[a, n]`` (lexicographic order). ``weights``: optional (T,), one
@@ -49,12 +50,13 @@ class TripletMarginLoss(MetricLoss):
     ) -> Tensor:
         s = upcast(sim)
         m_pos, m_neg = self.resolve_threshold(s, threshold)
-        t = torch.as_tensor(self.threshold if threshold is None else threshold)
-        margin = m_pos if t.ndim == 0 else m_pos + m_neg
+        margin = m_pos + m_neg if is_pos_neg(threshold) else m_pos
         if selection.triplets is not None:
             a, p, n = selection.triplets
         else:
             a, p, n = enumerate_triplets(selection.pos_mask, selection.neg_mask)
+        if margin.ndim:  # per anchor: the (B, 1) column, one margin per triplet from its anchor
+            margin = margin[a, 0]
         if selection.self_gram:
             sq = s.diagonal()  # raw embeddings: ||e_i||^2 = S_ii, with its gradient
             d_ap = self.pair_distance(s[a, p], sq[a], sq[p])

@@ -117,6 +117,13 @@ class HypergradThreshold(MetaThreshold):
         margin_min: float = 0.0,
         margin_max: float = 0.5,
     ) -> None:
+        if granularity not in ("scalar", "pos_neg"):  # before meta's check, which also allows per_anchor
+            raise ConfigError(
+                f"threshold_policy.granularity must be one of ('scalar', 'pos_neg') for "
+                f"threshold_policy=hypergrad, got {granularity!r} (per_anchor is threshold_policy=meta's "
+                "only: the hypergradient carries the tangent d theta / d lambda across steps, and a "
+                "threshold per batch position has no meaning across steps, every batch has other anchors)"
+            )
         # inner_lr=1: the Adam rule's normalisation of the gradient by the virtual step size does not
         # apply (there is no virtual step); the hypergradient is used as it is.
         super().__init__(init=init, granularity=granularity, mode="jvp", inner_lr=1.0, lr=lr,

@@ -2,7 +2,8 @@
 describes (Jiang et al., "Dual Dynamic Threshold Adjustment Strategy", ACM TOMM 2024; spec
 ``research/ddtas.md`` §2.1 and §2.3, ``threshold`` mode).
 
-One step (``granularity="scalar"``: one lambda; ``"pos_neg"``: (lambda_pos, lambda_neg)):
+One step (``granularity="scalar"``: one lambda; ``"pos_neg"``: (lambda_pos, lambda_neg);
+``"per_anchor"``: one lambda, differentiated as one copy per anchor, see :class:`MetaThreshold`):
 
 1. embed the train batch with the live parameters (``torch.func.functional_call``), S = E E^T;
 2. mine once; the selection is reused by every loss below;
@@ -17,7 +18,7 @@ One step (``granularity="scalar"``: one lambda; ``"pos_neg"``: (lambda_pos, lamb
 
 ``mode="exact"`` gives the exact derivative of step 5 (second order in the backbone), either by the
 identity ``g = -eta (d/dlambda dL_t/dS)^T (J_S v')``, ``v' = grad_theta L_m(theta')``, evaluated
-with one backward (scalar lambda) or one forward-mode pass (pos_neg) over the train batch
+with one backward (scalar lambda) or one forward-mode pass (pos_neg, per_anchor) over the train batch
 (``exact_impl="identity"``, default), or by back-propagating through the virtual step
 (``exact_impl="double_backward"``). ``mode="jvp"`` is first order in eta: the same formula with
 ``v = grad_theta L_m(theta)``, so no virtual step is taken at all; there the meta batch is processed
@@ -61,7 +62,7 @@ from ddtas_lightning.policies.virtual_step import (
 )
 from ddtas_lightning.validation import as_int, check_choice
 
-GRANULARITIES = ("scalar", "pos_neg")
+GRANULARITIES = ("scalar", "pos_neg", "per_anchor")
 MODES = ("exact", "jvp")
 STEP_RULES = ("adam", "sign")
 EXACT_IMPLS = ("identity", "double_backward")
@@ -72,7 +73,27 @@ class MetaThreshold(ThresholdPolicy):
 
     init: initial lambda (float, or ``[pos, neg]`` with ``pos_neg``); ``None`` takes the loss's own
         ``threshold`` at the first step.
-    granularity: ``"scalar"`` (one lambda, 0-d) or ``"pos_neg"`` ((2,) = (lambda_pos, lambda_neg)).
+    granularity: ``"scalar"`` (one lambda, 0-d), ``"pos_neg"`` ((2,) = (lambda_pos, lambda_neg)) or
+        ``"per_anchor"``: the persistent state is still ONE 0-d lambda (checkpointed as for scalar),
+        but the meta gradient is taken w.r.t. a B-vector ``lambda_v`` (one threshold per anchor row of
+        the global train batch, every entry = lambda; the loss takes it as a (B, 1) column), by the
+        same machinery in both modes (``exact`` identity: one forward-mode pass, as pos_neg). The
+        real loss of the step uses ``lambda_i* = clamp(lambda - step_i, min, max)`` with ``step_i``
+        the step rule applied to ``g_i = dL_meta/dlambda_i`` (below); lambda itself then moves
+        exactly as the scalar granularity would, with ``G = sum_i g_i``, which *is* the scalar
+        lambda's meta gradient (chain rule: ``lambda_v = lambda 1_B``): from the same state and batch,
+        lambda's update is the scalar one; only the step's own loss differs (so, through theta, later
+        steps do). The per-anchor thresholds are not stored: a batch position has no identity across
+        steps.
+        Per-anchor step: ``sign``: ``lr * sign(g_i)``. ``adam``: the moments belong to the scalar G
+        (they drive lambda, as for scalar), and ``step_i = lr * (B g_i / inner_lr) / (sqrt(v_hat) +
+        eps)`` with this step's bias-corrected ``v_hat``: no momentum per anchor (positions do not
+        persist), scaled by B so that the mean step is ``lr * (G / inner_lr) / (sqrt(v_hat) + eps)``,
+        the scalar's RMS-normalised step (``~lr``, like sign's ``|step_i| = lr``; equal g_i on the
+        first step give the scalar's first step, up to rounding). A single anchor can then move up
+        to ~B lr: the clamp bounds it. A step whose update is skipped uses lambda for every anchor.
+        ``last_anchor_grad`` / ``last_anchor_thresholds`` keep the (B,) g and lambda* of the last
+        meta step (attributes for inspection, not state).
     mode: ``"exact"`` (the exact derivative through the virtual step, second order) or ``"jvp"``
         (first order in eta: no virtual step, one forward-mode pass; cheapest).
     inner_lr: eta of the virtual SGD step (1e-5: the papers' learning rate).
@@ -93,9 +114,9 @@ class MetaThreshold(ThresholdPolicy):
     exact_impl: ``mode="exact"`` only, two computations of the same exact derivative:
         ``"identity"``: theta' from a plain gradient, ``v' = grad L_m(theta')``, then the identity
         ``dL_m/dlambda = -eta (d/dlambda dL_t/dS)^T (J_S v')``, evaluated with one more backward
-        through the train graph (scalar) or one forward-mode pass (pos_neg): no double backward,
-        less time and memory; ``"double_backward"``: ``create_graph`` through the virtual step (the
-        literal form; the reference).
+        through the train graph (scalar) or one forward-mode pass (pos_neg, per_anchor): no double
+        backward, less time and memory; ``"double_backward"``: ``create_graph`` through the virtual
+        step (the literal form; the reference).
     every: amortisation: the meta gradient (and lambda update) only on steps whose
         ``batch.global_step`` is a multiple of ``every``; in between lambda is held and the step is a
         static one at the current lambda (embed, mine, loss: a static step's cost), logged with
@@ -119,7 +140,8 @@ class MetaThreshold(ThresholdPolicy):
     ``step_count`` (Adam), ``initialized``. ``step`` skips the update (and logs ``meta/skipped``)
     when the averaged meta gradient is non-finite or exactly zero (e.g. no meta pair).
     Logs: ``train/lambda`` (``train/lambda_pos``, ``train/lambda_neg``), ``meta/loss``,
-    ``meta/grad_lambda`` (``_pos``, ``_neg``): the raw dL_meta/dlambda, ``meta/skipped``.
+    ``meta/grad_lambda`` (``_pos``, ``_neg``): the raw dL_meta/dlambda (per_anchor: G), ``meta/skipped``;
+    per_anchor meta steps also ``train/lambda_anchor_mean`` / ``_min`` / ``_max`` (of the lambda_i*).
     """
 
     needs_meta_batch = True
@@ -166,7 +188,7 @@ class MetaThreshold(ThresholdPolicy):
         self.meta_objective, self.meta_temperature = meta_objective, meta_temperature
         check_choice("threshold_policy.meta_params", meta_params, META_PARAMS)
         self.meta_params = meta_params
-        shape = () if granularity == "scalar" else (2,)
+        shape = (2,) if granularity == "pos_neg" else ()  # per_anchor: one lambda too
         self.register_buffer("lam", torch.zeros(shape))
         self.register_buffer("meta_lam", torch.zeros(shape))
         self.register_buffer("exp_avg", torch.zeros(shape))
@@ -174,6 +196,8 @@ class MetaThreshold(ThresholdPolicy):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._meta_threshold = meta_threshold
+        self.last_anchor_grad: Tensor | None = None  # per_anchor: the last meta step's g and lambda*
+        self.last_anchor_thresholds: Tensor | None = None
         # Python-side cache of `initialized` (avoids a host sync per step); re-read after loading.
         self._known_initialized = False
         self.register_load_state_dict_post_hook(_forget_initialized)
@@ -241,9 +265,31 @@ class MetaThreshold(ThresholdPolicy):
         self.lam.sub_(self.lr * direction).clamp_(self.min, self.max)
         return applied
 
-    def _lambda_leaf(self, dtype: torch.dtype) -> Tensor:
-        """A differentiable copy of lambda (never an alias of the buffer, which is updated in place)."""
-        return self.lam.detach().to(dtype, copy=True).requires_grad_(True)
+    @torch.no_grad()
+    def anchor_thresholds(self, lam: Tensor, grad: Tensor, applied: Tensor) -> Tensor:
+        """per_anchor: ``lambda_i* = clamp(lam - step_i, min, max)`` for the (B,) ``grad`` = g_i, with
+        the step rule's state as :meth:`update` (called first, with G = sum g) left it; see the class
+        docstring. ``lam``: lambda before that update. Not ``applied``: lambda for every anchor."""
+        grad = grad.to(self.lam.dtype)
+        grad = torch.where(applied, grad, torch.zeros_like(grad))
+        if self.step_rule == "sign":
+            step = self.lr * torch.sign(grad)
+        else:  # no per-anchor moments; this step's second moment of G sets the scale
+            t = self.step_count.to(self.lam.dtype).clamp(min=1)
+            v_hat = self.exp_avg_sq / (1 - self.betas[1] ** t)
+            step = self.lr * (grad.numel() * grad / self.inner_lr) / (v_hat.sqrt() + self.eps)
+        return (lam - step).clamp(self.min, self.max)
+
+    def _lambda_leaf(self, dtype: torch.dtype, rows: int = 0) -> Tensor:
+        """A differentiable copy of lambda (never an alias of the buffer, which is updated in place);
+        per_anchor: ``rows`` copies, one per anchor (``repeat`` allocates)."""
+        lam = self.lam.detach().to(dtype, copy=True)
+        return (lam.repeat(rows) if self.granularity == "per_anchor" else lam).requires_grad_(True)
+
+    def _loss_threshold(self, lam: Tensor) -> Tensor:
+        """lambda as the loss takes it: per_anchor's (B,) vector as a (B, 1) column (a (2,) vector
+        would read as (pos, neg) for a 2-row batch)."""
+        return lam.unsqueeze(1) if lam.ndim == 1 and self.granularity == "per_anchor" else lam
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, model: nn.Module, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch) -> StepOutput:
@@ -264,12 +310,12 @@ class MetaThreshold(ThresholdPolicy):
                                            self.meta_objective, self.meta_temperature)
 
         def head(s: Tensor, lam: Tensor) -> Tensor:  # the train loss on the fixed selection
-            return loss_fn(s, selection, threshold=lam)
+            return loss_fn(s, selection, threshold=self._loss_threshold(lam))
 
         if self.mode == "exact":
             sim = similarities(global_embeddings(fm(batch.images)))  # the real forward: updates BN stats
             selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
-            lam_v = self._lambda_leaf(sim.dtype)
+            lam_v = self._lambda_leaf(sim.dtype, sim.shape[0])
             train_loss = head(sim, lam_v)
             if self.exact_impl == "double_backward":
                 if is_distributed():
@@ -301,13 +347,22 @@ class MetaThreshold(ThresholdPolicy):
                 emb, emb_dot = fm.forward_with_tangent(batch.images, v, update_buffers=False, keep_graph=False)
                 _, sim_dot = global_similarities_with_tangent(emb, emb_dot)
             selection = miner(sim, batch.labels, epoch=batch.epoch, generator=batch.generator)
-            lam_v = self._lambda_leaf(sim.dtype)
+            lam_v = self._lambda_leaf(sim.dtype, sim.shape[0])
             meta = MetaGradient(tangent_meta_gradient(head, sim, sim_dot, lam_v, self.inner_lr), meta_loss)
 
         grad = all_reduce_mean(meta.grad)
+        anchor_grad = anchor_lam = None
+        if self.granularity == "per_anchor":
+            anchor_grad, lam_before = grad, self.lam.detach().clone()
+            grad = anchor_grad.sum()  # = the scalar lambda's meta gradient, so lambda moves as for scalar
         applied = self.update(grad)
-        loss = loss_fn(sim, selection, threshold=self.lam.detach().to(sim.dtype))
-        return StepOutput(loss=loss, selection=selection, logs=self._logs(meta.meta_loss, grad, applied))
+        threshold = self.lam.detach()
+        if anchor_grad is not None:  # this step's loss: one threshold per anchor
+            threshold = anchor_lam = self.anchor_thresholds(lam_before, anchor_grad, applied)
+            self.last_anchor_grad, self.last_anchor_thresholds = anchor_grad.detach(), anchor_lam
+        loss = loss_fn(sim, selection, threshold=self._loss_threshold(threshold.to(sim.dtype)))
+        logs = self._logs(meta.meta_loss, grad, applied, anchor_lam)
+        return StepOutput(loss=loss, selection=selection, logs=logs)
 
     def _held_step(self, loss_fn: MetricLoss, miner: BaseMiner, model: nn.Module, batch: StepBatch) -> StepOutput:
         """A step between two meta steps (``every > 1``): a static step at the held lambda."""
@@ -315,18 +370,22 @@ class MetaThreshold(ThresholdPolicy):
         loss = loss_fn(sim, selection, threshold=self.lam.detach().to(sim.dtype))
         lam = self.lam.detach()
         logs = {"meta/held": torch.ones((), device=lam.device)}
-        if self.granularity == "scalar":
+        if self.granularity != "pos_neg":  # per_anchor: every anchor at lambda
             logs["train/lambda"] = lam.clone()
         else:
             logs.update({"train/lambda_pos": lam[0].clone(), "train/lambda_neg": lam[1].clone()})
         return StepOutput(loss=loss, selection=selection, logs=logs)
 
-    def _logs(self, meta_loss: Tensor, grad: Tensor, applied: Tensor) -> dict[str, Tensor]:
+    def _logs(self, meta_loss: Tensor, grad: Tensor, applied: Tensor,
+              anchor_lam: Tensor | None = None) -> dict[str, Tensor]:
         lam, grad = self.lam.detach(), grad.detach()
         logs = {"meta/loss": meta_loss.detach(), "meta/skipped": (~applied).float()}
         if self.every > 1:
             logs["meta/held"] = torch.zeros((), device=lam.device)
-        if self.granularity == "scalar":
+        if anchor_lam is not None:  # per_anchor: the thresholds this step's loss used
+            logs.update({"train/lambda_anchor_mean": anchor_lam.mean(), "train/lambda_anchor_min": anchor_lam.min(),
+                         "train/lambda_anchor_max": anchor_lam.max()})
+        if self.granularity != "pos_neg":
             logs["train/lambda"] = lam.clone()
             logs["meta/grad_lambda"] = grad
         else:

@@ -285,6 +285,6 @@ def test_config_instantiates_with_the_documented_defaults():
     policy = instantiate(cfg)
     assert policy.lam.tolist() == pytest.approx([0.6, 0.4]) and policy.meta_lam.tolist() == [0.5, 0.5]
     with pytest.raises(ValueError, match="granularity"):
-        MetaThreshold(granularity="per_anchor")
+        MetaThreshold(granularity="per_pair")
     with pytest.raises(ValueError, match=r"\[pos, neg\]"):
         MetaThreshold(granularity="pos_neg", init=[0.5, 0.5, 0.5])
