@@ -82,6 +82,42 @@ sweep: $(STAMP) ## grid vs learned thresholds (experiment=threshold_grid), then 
 compare: $(STAMP) ## tables, plots and report.md of the latest sweep and TPE study (SWEEP_DIR=, TPE_DIR=, COMPARE_ARGS=)
 	$(PY) -m ddtas_lightning.compare $(SWEEP_DIR) $(wildcard $(TPE_DIR)) $(COMPARE_ARGS)
 
+# Learned thresholds vs the grid (issue 13): `make study` runs experiment=threshold_study (cached-feature
+# mode: a frozen random-init resnet18's features of each embedded image set, cached once; MLP heads train on
+# them) for every image set x run length: the lambda grid and the learned arms from both ends of the grid,
+# STUDY_SEEDS seeds each (STUDY_LONG_* for the 1,000-step settings: fewer arms), STUDY_JOBS settings at a
+# time, into STUDY_DIR/<images>_<steps>/{grid,learned}; then the report (tables, lambda plots) in STUDY_DIR/report.
+STUDY_NEW_DIR := multirun/threshold_study/$(shell date +%Y-%m-%d_%H-%M-%S)
+STUDY_DIR ?= $(STUDY_NEW_DIR)
+STUDY_LAST_DIR = $(lastword $(sort $(wildcard multirun/threshold_study/*_*)))
+STUDY_IMAGES ?= synthetic_200 glyphs
+STUDY_STEPS ?= 100 1000
+STUDY_GRID ?= -0.2,0.0,0.2,0.4,0.6,0.8
+STUDY_STARTS ?= -0.2,0.8
+STUDY_SEEDS ?= 0,1,2,3,4,5,6,7,8,9,10,11
+STUDY_ARMS ?= study/meta_faithful,study/meta_heldout,study/meta_nca,study/hg_loss,study/hg_nca,study/hg_nca_heldout,study/hg_nca_heldout_mb64,study/hg_nca_heldout_head
+STUDY_LONG_SEEDS ?= 0,1,2,3,4,5
+STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout_mb64
+STUDY_JOBS ?= 2
+STUDY_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=threshold_study hydra/job_logging=disabled
+.PHONY: study study-report
+study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x 100 / 1,000 steps (STUDY_*=)
+	@for images in $(STUDY_IMAGES); do OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.data.cached_features \
+		dataset@dataset.source.images=$$images || exit 1; done
+	@for images in $(STUDY_IMAGES); do for steps in $(STUDY_STEPS); do echo "$$images $$steps"; done; done | \
+	xargs -P $(STUDY_JOBS) -L 1 sh -c 'images=$$0 steps=$$1 out=$(STUDY_DIR)/$${0}_$${1}; mkdir -p $$out; \
+		if [ $$steps -ge 1000 ]; then seeds=$(STUDY_LONG_SEEDS) arms=$(STUDY_LONG_ARMS); \
+		else seeds=$(STUDY_SEEDS) arms=$(STUDY_ARMS); fi; \
+		common="dataset@dataset.source.images=$$images data.batches_per_epoch=$$((steps / 10)) $(ARGS)"; \
+		$(STUDY_TRAIN) arm=study/static loss.threshold=$(STUDY_GRID) seed=$$seeds $$common \
+			hydra.sweep.dir=$$out/grid > $$out.grid.log 2>&1 && \
+		$(STUDY_TRAIN) arm=$$arms loss.threshold=$(STUDY_STARTS) seed=$$seeds $$common \
+			hydra.sweep.dir=$$out/learned > $$out.learned.log 2>&1 || { echo "failed: $$out (log: $$out.*.log)"; exit 255; }'
+	$(PY) -m ddtas_lightning.study $(STUDY_DIR)
+
+study-report: $(STAMP) ## the latest study's report again (or STUDY_DIR=multirun/threshold_study/<date>_<time>)
+	$(PY) -m ddtas_lightning.study $(if $(filter command line environment,$(origin STUDY_DIR)),$(STUDY_DIR),$(STUDY_LAST_DIR))
+
 # `make help`: every target with its `##` description.
 .PHONY: help
 help: ## list the targets

@@ -1,0 +1,108 @@
+"""The study report (python -m ddtas_lightning.study): per setting the validation-selected grid, each learned
+arm x start against it (paired t interval), whether the grid is flat, the target verdict, and the ablation
+table across settings; checked on hand-made run dirs with known numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats as sps
+
+from ddtas_lightning.study import TARGET_GAP, arm_label, main, meets_target, settings
+from tests.test_compare import make_run
+
+HYPER = "ddtas_lightning.policies.HypergradThreshold"
+
+
+def _overrides(arm: str, lam: float, seed: int) -> list[str]:
+    return ["experiment=threshold_study", f"arm=study/{arm}", f"loss.threshold={lam}", f"seed={seed}"]
+
+
+def make_setting(root, name, grid: dict[float, tuple[list[float], list[float]]],
+                 learned: dict[tuple[str, float], tuple[list[float], list[float], float]]):
+    """grid: lambda -> (test R@1 per seed, val R@1 per seed); learned: (arm, start) -> (test, end lambdas, CPU s)."""
+    num = 0
+    for lam, (tests, vals) in grid.items():
+        for seed, (t, v) in enumerate(zip(tests, vals)):
+            make_run(root / name / "grid", num, "study/static", seed, r1=t, val=v, lam=lam, cpu=10.0,
+                     dataset=name, overrides=_overrides("static", lam, seed))
+            num += 1
+    num = 0
+    for (arm, start), (tests, ends, cpu) in learned.items():
+        for seed, (t, end) in enumerate(zip(tests, ends)):
+            make_run(root / name / "learned", num, f"study/{arm}", seed, r1=t, lam=start, cpu=cpu, policy=HYPER,
+                     lambdas=[start, (start + end) / 2, end], dataset=name,
+                     overrides=_overrides(arm, start, seed))
+            num += 1
+
+
+GRID = {  # val picks 0.2 at every seed; 0.2 is also the best on test; 0.8 the worst
+    -0.2: ([0.10, 0.11, 0.12], [0.20, 0.21, 0.22]),
+    0.2: ([0.15, 0.16, 0.18], [0.30, 0.31, 0.32]),
+    0.8: ([0.05, 0.06, 0.05], [0.10, 0.11, 0.12]),
+}
+LEARNED = {
+    ("hg", -0.2): ([0.151, 0.161, 0.181], [0.2, 0.2, 0.2], 5.0),   # +0.1 points, cheap (grid/arm = 6)
+    ("hg", 0.8): ([0.12, 0.14, 0.15], [0.5, 0.4, 0.6], 5.0),       # worse
+    ("meta", -0.2): ([0.15, 0.16, 0.18], [-0.2, -0.2, -0.2], 20.0),  # equal but expensive
+}
+
+
+@pytest.fixture
+def study(tmp_path):
+    make_setting(tmp_path, "synth_100", GRID, LEARNED)
+    flat = {lam: ([0.10, 0.12, 0.11], [0.2, 0.2, 0.2]) for lam in (-0.2, 0.2, 0.8)}
+    make_setting(tmp_path, "glyphs_100", flat, {("hg", -0.2): ([0.10, 0.12, 0.11], [0.0] * 3, 5.0)})
+    return tmp_path
+
+
+def test_labels_name_the_arm_and_its_start(study):
+    s = {x.name: x for x in settings(study)}["synth_100"]
+    assert [a.label for a in s.comparison.arms] == ["λ -0.2", "λ 0.2", "λ 0.8", "hg from -0.2", "hg from 0.8",
+                                                    "meta from -0.2"]
+    assert arm_label(s.comparison.arms[3].arm.first) == "hg from -0.2"
+
+
+def test_each_learned_arm_is_paired_with_the_validation_pick_and_judged_against_the_target(study):
+    s = {x.name: x for x in settings(study)}["synth_100"]
+    c = s.comparison
+    assert c.headline.label() == "λ 0.2"
+    v = {x.arm.label: x for x in c.versus}
+    diffs = [a - b for a, b in zip(LEARNED[("hg", 0.8)][0], GRID[0.2][0])]
+    ref = sps.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    assert v["hg from 0.8"].r1.low == pytest.approx(ref.low) and v["hg from 0.8"].r1.high == pytest.approx(ref.high)
+    assert v["hg from 0.8"].verdict == "worse" and meets_target(v["hg from 0.8"]) == "no"
+    assert v["hg from -0.2"].r1.mean == pytest.approx(0.001)
+    assert v["hg from -0.2"].compute_ratio == pytest.approx(30.0 / 5.0)
+    assert meets_target(v["hg from -0.2"]) == "yes"          # interval within -0.5 points, 1/6 of the compute
+    assert meets_target(v["meta from -0.2"]) == "no (compute)"  # 20 CPU s > 1/4 of 30
+    assert s.threshold_matters and s.best_label == "λ 0.2" and s.worst_label == "λ 0.8"
+
+
+def test_a_gap_inside_the_target_by_the_mean_only_is_said_so(tmp_path):
+    learned = {("hg", -0.2): ([0.155, 0.150, 0.178], [0.2] * 3, 5.0)}  # mean -0.23 points, wide interval
+    make_setting(tmp_path, "s", GRID, learned)
+    v = settings(tmp_path)[0].comparison.versus[0]
+    assert v.r1.mean > -TARGET_GAP and v.r1.low < -TARGET_GAP
+    assert meets_target(v) == "mean only"
+
+
+def test_a_flat_grid_is_flagged_and_the_report_has_the_ablation_table_and_plots(study, capsys):
+    assert main([str(study)]) == 0
+    text = (study / "report" / "report.md").read_text()
+    assert "glyphs_100 (flat)" in text and "this setting proves nothing" in text
+    ablation = text.split("## Ablation")[1].split("## Per setting")[0]
+    rows = [r for r in ablation.splitlines() if r.startswith("| hg from -0.2")]
+    assert len(rows) == 1 and rows[0].count("[") == 2  # one cell per setting
+    assert (study / "report" / "lambda_synth_100.png").stat().st_size > 0
+    assert not math.isnan(settings(study)[1].comparison.grid_cpu_s)
+
+
+def test_a_directory_without_settings_is_one_error_line(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "make study" in err[0]
+    (tmp_path / "s" / "grid").mkdir(parents=True)
+    assert main([str(tmp_path)]) == 2
+    assert "learned/ sweep" in capsys.readouterr().err
