@@ -3,6 +3,7 @@
 from ddtas_lightning.data.cars196 import Cars196
 from ddtas_lightning.data.cub200 import CUB200
 from ddtas_lightning.data.folder import Folder
+from ddtas_lightning.data.glyphs import Glyphs
 from ddtas_lightning.data.image_dataset import ImageDataset
 from ddtas_lightning.data.inshop import InShop
 from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
@@ -23,6 +24,7 @@ __all__ = [
     "DatasetLayoutError",
     "DatasetSource",
     "Folder",
+    "Glyphs",
     "ImageDataset",
     "ImageNetTransform",
     "InShop",
