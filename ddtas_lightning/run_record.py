@@ -45,6 +45,14 @@ def _stage(trainer: pl.Trainer | None) -> str:
     return "train" if stage is None else str(stage.value if hasattr(stage, "value") else stage)
 
 
+def _inside_func_jvp() -> bool:
+    """Whether this forward runs under ``torch.func.jvp`` (hypergrad's forward-over-reverse HVP): its
+    dual tensors are functorch wrappers, invisible to ``forward_ad.unpack_dual``."""
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    return any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
+
+
 class ComputeMeter(pl.Callback):
     """CPU / GPU seconds and model passes of ``fit`` (see the module docstring); :meth:`summary`."""
 
@@ -81,7 +89,7 @@ class ComputeMeter(pl.Callback):
         n = int(output.shape[0]) if output.dim() else 1
         counts["forward"] += 1
         counts["forward_images"] += n
-        if forward_ad.unpack_dual(output).tangent is not None:
+        if forward_ad.unpack_dual(output).tangent is not None or _inside_func_jvp():
             counts["jvp"] += 1
         if output.requires_grad and torch.is_grad_enabled():
             def on_backward(grad: Tensor, counts=counts, n=n) -> None:

@@ -2,7 +2,7 @@
 
 STUDY_DIR holds one directory per setting (``<images>_<steps>``, written by ``make study``), each with a
 ``grid`` sweep (``arm=study/static`` at every grid lambda) and a ``learned`` sweep (``arm=study/<arm>``
-started from each end of the grid), all of ``experiment=threshold_study``. Per setting it reuses the
+started from each end of the grid; further ``learned_<name>`` sweeps are read too), all of ``experiment=threshold_study``. Per setting it reuses the
 comparison of :mod:`ddtas_lightning.report.summary`: the grid search chosen on validation per seed is the
 reference, every learned arm x start gets its paired-by-seed test R@1 difference with a 95% t interval, and
 its CPU seconds against the grid's. On top of that:
@@ -30,7 +30,6 @@ from ddtas_lightning.report.summary import Comparison, compare
 
 TARGET_GAP = 0.005          # 0.5 R@1 points (metrics are fractions)
 TARGET_COMPUTE = 0.25       # of the grid's CPU seconds (one seed)
-SWEEPS = ("grid", "learned")
 
 
 def _override(run: Run, key: str) -> str | None:
@@ -83,11 +82,13 @@ def grid_spread(c: Comparison) -> tuple[Interval | None, str | None, str | None]
 
 def load_setting(path: Path) -> Setting:
     runs: list[Run] = []
-    for name in SWEEPS:
-        sweep = path / name
-        if not sweep.is_dir() or not run_dirs(sweep):
-            raise SweepError(f"{sweep}: missing; a study setting holds a grid/ and a learned/ sweep "
-                             "(make study writes them)")
+    sweeps = [path / "grid", *sorted(p for p in path.glob("learned*") if p.is_dir())]
+    if len(sweeps) < 2:
+        raise SweepError(f"{path / 'learned'}: missing; a study setting holds a grid/ and a learned/ sweep "
+                         "(make study writes them; more learned arms may go to learned_<name>/)")
+    for sweep in sweeps:
+        if not run_dirs(sweep):
+            raise SweepError(f"{sweep}: holds no runs (make study writes them)")
         runs += load_sweep(sweep)
     c = compare(path, group(runs))
     return Setting(path.name, c, *grid_spread(c))

@@ -61,3 +61,30 @@ def test_resumed_run_reports_the_compute_before_the_checkpoint(tiny_cfg, tmp_pat
     second = json.loads((tmp_path / "run" / "metrics.json").read_text())["compute"]
     assert second["passes"]["train"]["forward"] == 6  # 3 before the checkpoint + 3 after
     assert second["fit_cpu_s"] > saved["cpu_s"] and first["fit_cpu_s"] > 0
+
+
+def test_hypergrad_step_counts_its_forward_over_reverse_pass(tiny_cfg, tmp_path, one_thread):
+    # torch.func.jvp's duals are functorch wrappers that forward_ad.unpack_dual does not see: counted anyway
+    train(tiny_cfg(*FAST, "threshold_policy=hypergrad", "loss=soft_contrastive", "data.meta_batch_size=4",
+                   "threshold_policy.meta_params=head"))
+    passes = json.loads((tmp_path / "run" / "metrics.json").read_text())["compute"]["passes"]["train"]
+    assert passes["jvp"] == 6  # one HVP pass per step
+
+
+def test_only_forward_mode_forwards_count_as_jvp_passes():
+    meter = ComputeMeter()
+    meter._trainer = None  # outside a trainer: the "train" stage
+    model = torch.nn.Linear(3, 2)
+    meter.attach(model)
+    x = torch.randn(4, 3)
+    params = dict(model.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).sum()
+
+    model(x)
+    torch.func.grad(loss)(params)
+    assert meter.passes["train"]["forward"] == 2 and meter.passes["train"]["jvp"] == 0
+    tangents = {k: torch.ones_like(v) for k, v in params.items()}
+    torch.func.jvp(torch.func.grad(loss), (params,), (tangents,))
+    assert meter.passes["train"]["forward"] == 3 and meter.passes["train"]["jvp"] == 1
