@@ -99,7 +99,7 @@ STUDY_ARMS ?= study/meta_faithful,study/meta_heldout,study/meta_nca,study/hg_los
 STUDY_LONG_SEEDS ?= 0,1,2,3,4,5
 STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout_mb64
 STUDY_JOBS ?= 2
-STUDY_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=threshold_study hydra/job_logging=disabled
+STUDY_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=threshold_study
 .PHONY: study study-report
 study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x 100 / 1,000 steps (STUDY_*=)
 	@for images in $(STUDY_IMAGES); do OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.data.cached_features \

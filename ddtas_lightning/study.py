@@ -176,26 +176,40 @@ def grid_choice(c: Comparison) -> float | None:
 
 
 def plot_lambda(s: Setting, path: Path) -> Path | None:
-    from ddtas_lightning.report.plots import _colors, _finish, _seed_mean, plt
+    """lambda over steps per learned arm x start (and the learned margin m beside it, where one was)."""
+    from ddtas_lightning.report.plots import _colors, _seed_mean, plt
 
     learned = [a for a in s.comparison.arms if a.kind == "dynamic"]
-    curves_of = {a.label: [r.curves["train/lambda"] for r in a.arm.ok_runs if r.curves.get("train/lambda")]
-                 for a in learned}
-    learned = [a for a in learned if curves_of[a.label]]
+    curves = {key: {a.label: [r.curves[key] for r in a.arm.ok_runs if r.curves.get(key)] for a in learned}
+              for key in ("train/lambda", "train/margin")}
+    learned = [a for a in learned if curves["train/lambda"][a.label]]
     if not learned:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    with_m = any(curves["train/margin"].values())
+    fig, axes = plt.subplots(1, 2 if with_m else 1, figsize=(13 if with_m else 8, 5), squeeze=False)
     colors = _colors(learned)
-    for a in learned:
-        for curve in curves_of[a.label]:
-            ax.plot(*zip(*curve), color=colors[a.label], alpha=0.15, linewidth=0.6)
-        ax.plot(*_seed_mean(curves_of[a.label]), color=colors[a.label], linewidth=2,
-                label=f"{a.label} ({len(curves_of[a.label])} seeds)")
     chosen = grid_choice(s.comparison)
-    if chosen is not None:
-        ax.axhline(chosen, color="black", linestyle="--", linewidth=1.5,
-                   label=f"grid λ chosen on validation (seed mean): {chosen:g}")
-    return _finish(fig, ax, path, "training step", "λ", f"Learned λ, {s.name}", legend_size=7)
+    for ax, key, name in zip(axes[0], ("train/lambda", "train/margin"), ("λ", "m")):
+        for a in learned:
+            for curve in curves[key][a.label]:
+                ax.plot(*zip(*curve), color=colors[a.label], alpha=0.15, linewidth=0.6)
+            if curves[key][a.label]:
+                ax.plot(*_seed_mean(curves[key][a.label]), color=colors[a.label], linewidth=2,
+                        label=f"{a.label} ({len(curves[key][a.label])} seeds)")
+        if key == "train/lambda" and chosen is not None:
+            ax.axhline(chosen, color="black", linestyle="--", linewidth=1.5,
+                       label=f"grid λ chosen on validation (seed mean): {chosen:g}")
+        if key == "train/margin":
+            ax.axhline(0.1, color="grey", linestyle=":", linewidth=1.2, label="the grid's fixed m = 0.1")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_title(f"Learned λ, {s.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def report(all_settings: list[Setting]) -> str:

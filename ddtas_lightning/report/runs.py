@@ -22,7 +22,7 @@ from ddtas_lightning.report.kinds import class_name, run_kind
 
 SWEEP_MARKER = "multirun.yaml"  # Hydra writes it into the sweep dir before the first job starts
 # Per-step curves the report plots (CSV logger columns).
-CURVES = ("train/lambda", "mining/ratio", "mining/tolerance", "mining/gamma_pos", "mining/gamma_neg")
+CURVES = ("train/lambda", "train/margin", "mining/ratio", "mining/tolerance", "mining/gamma_pos", "mining/gamma_neg")
 
 
 class SweepError(ValueError):
