@@ -112,3 +112,21 @@ def test_training_run_on_glyphs(tiny_cfg, one_thread):
     metrics = json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())
     assert metrics["choices"]["dataset"] == "glyphs" and metrics["test"]["test/num_queries"] == 36
     assert (Path(cfg.paths.data_dir) / "glyphs" / "CUB_200_2011" / "classes.txt").is_file()
+
+
+@pytest.mark.parametrize("polarity", ["dark_on_light", "light_on_dark"])
+def test_fixed_polarity_puts_the_ink_on_the_chosen_side(tmp_path, polarity):
+    plain = dict(TINY, image_size=32, saturation=0.0, blur=0.0, noise=0.0, distractors=(0, 0))
+    s = Glyphs(tmp_path, **plain, polarity=polarity)
+    for path in s.load("train").paths + s.load("test").paths:
+        grey = np.asarray(Image.open(path).convert("L"), dtype=float)
+        paper = np.bincount(grey.astype(int).ravel()).argmax()  # the most common level: the paper
+        ink = grey.min() if polarity == "dark_on_light" else grey.max()
+        assert (ink < paper) if polarity == "dark_on_light" else (ink > paper), path
+    assert json.loads((tmp_path / "CUB_200_2011" / gl.MANIFEST).read_text())["polarity"] == polarity
+
+
+def test_random_polarity_keeps_the_original_manifest_and_bad_values_name_the_key(tmp_path):
+    assert "polarity" not in Glyphs(tmp_path, **TINY).manifest()  # trees written before the knob stay valid
+    with pytest.raises(ConfigError, match="dataset.source.polarity"):
+        Glyphs(tmp_path, **TINY, polarity="inverted")

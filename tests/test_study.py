@@ -99,6 +99,14 @@ def test_a_flat_grid_is_flagged_and_the_report_has_the_ablation_table_and_plots(
     assert not math.isnan(settings(study)[1].comparison.grid_cpu_s)
 
 
+def test_a_grid_whose_spread_is_significant_but_under_one_point_is_flat(tmp_path):
+    small = {0.2: ([0.105, 0.106, 0.108], [0.3] * 3), 0.8: ([0.100, 0.101, 0.102], [0.2] * 3)}
+    make_setting(tmp_path, "small", small, {("hg", 0.8): ([0.1, 0.1, 0.1], [0.5] * 3, 5.0)})
+    s = settings(tmp_path)[0]
+    assert s.spread.low > 0 and s.spread.high < 0.01  # significant, but within 1 point
+    assert not s.threshold_matters
+
+
 def test_a_directory_without_settings_is_one_error_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

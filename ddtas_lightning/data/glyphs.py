@@ -65,10 +65,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ddtas_lightning.data.records import DatasetLayoutError
 from ddtas_lightning.data.synthetic import MANIFEST, Synthetic
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 
+POLARITIES = ("random", "dark_on_light", "light_on_dark")  # ink vs paper: either lighter, or fixed
 GENERATOR_VERSION = 1  # bump when the drawing code changes: older trees regenerate
 SUPERSAMPLE = 2
 
@@ -191,6 +192,7 @@ class GlyphsParams:
     noise: float
     distractors: tuple[int, int]
     version: int = GENERATOR_VERSION
+    polarity: str = "random"
 
 
 def _rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -227,7 +229,10 @@ def render(p: GlyphsParams, c: int, j: int, fonts: list[ImageFont.FreeTypeFont],
     # Colours: an HSV-value gap of at least `contrast` between ink and paper, either one the lighter.
     gap = rng.uniform(p.contrast, 1.0)
     lo = rng.uniform(0, 1 - gap)
-    v_fg, v_bg = (lo + gap, lo) if rng.uniform() < 0.5 else (lo, lo + gap)
+    light_ink = rng.uniform() < 0.5  # drawn whatever the polarity, so "random" trees keep their bytes
+    if p.polarity != "random":
+        light_ink = p.polarity == "light_on_dark"
+    v_fg, v_bg = (lo + gap, lo) if light_ink else (lo, lo + gap)
     fg = _rgb(rng.uniform(), rng.uniform(0, p.saturation), v_fg)
     bg = _rgb(rng.uniform(), rng.uniform(0, p.saturation), v_bg)
     blur = rng.uniform(0, p.blur)
@@ -320,6 +325,7 @@ class Glyphs(Synthetic):
         blur: float = 0.8,
         noise: float = 0.04,
         distractors: tuple[int, int] | list[int] = (0, 1),
+        polarity: str = "random",
         train_classes: int | list[int] | None = None,
         check_images: bool = True,
     ) -> None:
@@ -344,6 +350,9 @@ class Glyphs(Synthetic):
             saturation=float(saturation), blur=float(blur), noise=float(noise),
             distractors=(int(distractors[0]), int(distractors[1])),
         )
+        check_choice("dataset.source.polarity", polarity, POLARITIES)
+        if polarity != "random":  # absent from the manifest by default: existing trees stay valid
+            self._knobs["polarity"] = polarity
         n_train = num_classes // 2 if train_classes is None else (
             train_classes if isinstance(train_classes, int) else len(train_classes))
         self.expected_counts = {
@@ -370,7 +379,10 @@ class Glyphs(Synthetic):
         return GlyphsParams(**self._knobs, classes=tuple(f"U+{c:04X}" for c in classes[:n]))
 
     def manifest(self) -> dict:
-        return {"generator": "ddtas_lightning.data.glyphs", **asdict(self.params),
+        params = asdict(self.params)
+        if params["polarity"] == "random":  # the original trees' manifest, so they are not regenerated
+            del params["polarity"]
+        return {"generator": "ddtas_lightning.data.glyphs", **params,
                 "num_images": self.params.num_classes * self.params.images_per_class}
 
     def materialise(self) -> Path:
