@@ -28,6 +28,7 @@ COVERED_ELSEWHERE = {
     "threshold_grid": "tests/test_sweep.py",
     "mmsi_protocol_synthetic": "tests/policies/test_mmsi_protocol.py",
     "dinov2_cub200": "tests/models/test_timm_backbones.py",
+    "threshold_study": "tests/data/test_cached_features.py",
 }
 EXPERIMENTS = sorted(
     p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml") if p.stem not in COVERED_ELSEWHERE
