@@ -180,7 +180,7 @@ def grid_choice(c: Comparison) -> float | None:
 
 def plot_lambda(s: Setting, path: Path) -> Path | None:
     """lambda over steps per learned arm x start (and the learned margin m beside it, where one was)."""
-    from ddtas_lightning.report.plots import _colors, _seed_mean, plt
+    from ddtas_lightning.report.plots import _seed_mean, plt
 
     learned = [a for a in s.comparison.arms if a.kind == "dynamic"]
     curves = {key: {a.label: [r.curves[key] for r in a.arm.ok_runs if r.curves.get(key)] for a in learned}
@@ -189,16 +189,21 @@ def plot_lambda(s: Setting, path: Path) -> Path | None:
     if not learned:
         return None
     with_m = any(curves["train/margin"].values())
-    fig, axes = plt.subplots(1, 2 if with_m else 1, figsize=(13 if with_m else 8, 5), squeeze=False)
-    colors = _colors(learned)
+    fig, axes = plt.subplots(1, 2 if with_m else 1, figsize=(15 if with_m else 10, 5.5), squeeze=False)
+    # one colour per arm, one line style per start (the arms outnumber a colour cycle once per start)
+    names = list(dict.fromkeys(a.label.split(" from ")[0] for a in learned))
+    starts = list(dict.fromkeys(a.label.split(" from ")[-1] for a in learned))
+    cycle = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {a.label: cycle(names.index(a.label.split(" from ")[0])) for a in learned}
+    styles = {a.label: ("-", "--", ":", "-.")[starts.index(a.label.split(" from ")[-1]) % 4] for a in learned}
     chosen = grid_choice(s.comparison)
     for ax, key, name in zip(axes[0], ("train/lambda", "train/margin"), ("λ", "m")):
         for a in learned:
             for curve in curves[key][a.label]:
                 ax.plot(*zip(*curve), color=colors[a.label], alpha=0.15, linewidth=0.6)
             if curves[key][a.label]:
-                ax.plot(*_seed_mean(curves[key][a.label]), color=colors[a.label], linewidth=2,
-                        label=f"{a.label} ({len(curves[key][a.label])} seeds)")
+                ax.plot(*_seed_mean(curves[key][a.label]), color=colors[a.label], linestyle=styles[a.label],
+                        linewidth=2, label=f"{a.label} ({len(curves[key][a.label])} seeds)")
         if key == "train/lambda" and chosen is not None:
             ax.axhline(chosen, color="black", linestyle="--", linewidth=1.5,
                        label=f"grid λ chosen on validation (seed mean): {chosen:g}")
@@ -207,8 +212,8 @@ def plot_lambda(s: Setting, path: Path) -> Path | None:
         ax.set_xlabel("training step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_title(f"Learned λ, {s.name}")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[0][0].set_title(f"Learned λ (seed means; thin: each seed), {s.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
