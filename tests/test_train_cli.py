@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Options that cannot run on a CPU-only machine in a fast test, and why.
 NOT_FAST = {
     ("dataset", "gaussian_clusters"): "vectors; needs transform=none backbone=mlp; covered by tests/test_nspa_experiment.py",
+    ("dataset", "cached_features"): "vectors (transform=none backbone=mlp, its own tiny image set); a training run "
+                                    "through train in tests/data/test_cached_features.py",
     ("backbone", "mlp"): "vector backbone; covered by tests/models/test_mlp.py and tests/test_nspa_experiment.py",
     ("trainer", "gpu"): "needs a CUDA device",
     ("trainer", "ddp"): "two processes; covered by tests/test_ddp_equivalence.py",
