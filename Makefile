@@ -91,7 +91,7 @@ compare: $(STAMP) ## tables, plots and report.md of the latest sweep and TPE stu
 # 22 GB for the 660 runs of the full study.
 STUDY_NEW_DIR := multirun/threshold_study/$(shell date +%Y-%m-%d_%H-%M-%S)
 STUDY_DIR ?= $(STUDY_NEW_DIR)
-STUDY_LAST_DIR = $(lastword $(sort $(wildcard multirun/threshold_study/*_*)))
+STUDY_LAST_DIR = $(lastword $(sort $(wildcard multirun/threshold_study/[0-9]*_*)))
 STUDY_IMAGES ?= synthetic_200 glyphs_plain
 STUDY_STEPS ?= 100 1000
 STUDY_GRID ?= -0.2,0.0,0.2,0.4,0.6,0.8
