@@ -88,10 +88,11 @@ class RelevantRanker:
                     chunk.tol[sub_rows],
                 )
                 # only ranks within the list's complete depth are exact; anything deeper is "not found"
-                r = torch.sort(r.masked_fill(r > list_depth, _NOT_FOUND), dim=1).values[:, :depth]
-                c_ranks[sub_rows, : r.shape[1]] = r
-                if r.shape[1]:
+                r = torch.sort(r.masked_fill(r > list_depth, _NOT_FOUND), dim=1).values
+                if r.shape[1]:  # the best rank before the cut to `depth`: depth is 0 without MAP@R / R-Precision
                     c_first[sub_rows] = torch.where(r[:, 0] <= first_depth, r[:, 0], c_first[sub_rows])
+                r = r[:, :depth]
+                c_ranks[sub_rows, : r.shape[1]] = r
             if list_depth < first_depth:
                 # rows with no relevant item in their list: count over their whole similarity row
                 todo = (c_first > first_depth).nonzero().squeeze(1)

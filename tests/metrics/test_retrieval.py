@@ -176,6 +176,19 @@ def test_all_lone_gives_nan_and_no_gallery():
     assert math.isnan(out["R@1"]) and out["num_lone_queries"] == 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recall_alone_equals_recall_with_the_other_metrics(backend):
+    # without MAP@R / R-Precision no relevant rank is kept (depth 0): R@K must still see the best one
+    gen = torch.Generator().manual_seed(3)
+    emb, labels = _clustered(150, 16, 10, 1.0, gen)
+    recall_ks = (1, 2, 4)
+    alone = compute_retrieval_metrics(emb, labels, backend=backend, recall_ks=recall_ks, map_at_r=False,
+                                      r_precision=False, nmi=False)
+    ref = brute_retrieval(emb, labels, recall_ks=recall_ks)
+    assert alone["R@1"] > 0
+    _assert_close(alone, ref, keys=[f"R@{k}" for k in recall_ks])
+
+
 def test_recall_k_beyond_gallery_size_and_selected_metrics():
     emb = unit_angles([0, 10, 20, 90])
     labels = torch.tensor([0, 1, 0, 1])
