@@ -12,7 +12,7 @@ chosen dataset and split, and writes into its run dir (``outputs/eval/<date>_<ti
 - ``export/``: embeddings, labels, ids, roles and image paths as ``.npy`` and a faiss index
   (:mod:`ddtas_lightning.inspect.exports`).
 
-:func:`run_evaluation` is the one evaluation: ``train.py``'s final test calls it too.
+The evaluation itself is :func:`ddtas_lightning.evaluation.run_evaluation`, the one ``train``'s final test calls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -28,53 +27,15 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddtas_lightning.checkpoint_compat import CONFIG_KEY, check_checkpoint_compat
-from ddtas_lightning.metrics.retrieval import per_class_metrics, per_query_metrics
-from ddtas_lightning.validation import ConfigError, check_choice
+from ddtas_lightning.config.validation import ConfigError, check_choice
+from ddtas_lightning.evaluation import SPLITS, Evaluation, per_class_json, run_evaluation
+from ddtas_lightning.runtime.builder import build
+from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY, check_checkpoint_compat
+from ddtas_lightning.runtime.errors import exit_code_for, root_cause
 
 log = logging.getLogger(__name__)
-SPLITS = ("test", "val")
 
 
-@dataclass
-class Evaluation:
-    """metrics: ``{f"{prefix}/R@1": ..., ...}`` as logged; per_class: ``{label: {"R@1", "MAP@R",
-    "num_queries"}}``; items: the gathered embeddings, labels, indices, roles (one row per dataset
-    index); per_query: :func:`~ddtas_lightning.metrics.retrieval.per_query_metrics`."""
-
-    metrics: dict[str, float]
-    per_class: dict[int, dict[str, float]] = field(default_factory=dict)
-    items: dict[str, torch.Tensor] | None = None
-    per_query: dict[str, torch.Tensor] | None = None
-
-
-def run_evaluation(trainer: pl.Trainer, module, datamodule, *, split: str = "test", ckpt_path: str | None = None,
-                   prefix: str = "test") -> Evaluation:
-    """Evaluate ``module`` (with ``ckpt_path``'s weights if given) on ``split`` through ``trainer.test``:
-    the metrics the module logs (DDP-gathered, padding removed) and, from the same embeddings, per-class
-    R@1 / MAP@R. Every rank must call it (the test loop is collective)."""
-    check_choice("split", split, SPLITS)
-    if split == "val":  # the test loop reads datamodule.test_set: point it at the validation split
-        datamodule.prepare_data()
-        datamodule.setup("test")
-        datamodule.test_set = datamodule.val_set
-    module.keep_test_outputs, module.test_prefix = True, prefix
-    try:
-        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
-        items = module.test_outputs
-    finally:
-        module.keep_test_outputs, module.test_outputs, module.test_prefix = False, None, "test"
-    per_query = per_query_metrics(items["embeddings"], items["labels"], ids=items["indices"],
-                                  is_query=items["is_query"], is_gallery=items["is_gallery"],
-                                  backend=module.test_metrics.backend)
-    return Evaluation({k: float(v) for k, v in metrics.items()}, per_class_metrics(per_query), items, per_query)
-
-
-def per_class_json(per_class: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {str(label): values for label, values in sorted(per_class.items())}
-
-
-# ---- the entry point ---------------------------------------------------------------------------------
 def load_run_config(ckpt_path: Path) -> tuple[DictConfig, dict]:
     """The checkpoint (loaded on the CPU) and the training run's config saved in it (or next to it)."""
     if not ckpt_path.is_file():
@@ -125,8 +86,6 @@ def eval_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation described by ``conf/eval.yaml``; returns the metrics.json payload."""
-    from ddtas_lightning.train import build
-
     check_choice("split", cfg.split, SPLITS)
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     run_cfg, ckpt = load_run_config(ckpt_path)
@@ -211,15 +170,13 @@ def print_eval_summary(payload: dict, path: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from ddtas_lightning.train import _root_cause, exit_code_for
-
     try:
         evaluate(cfg)
     except Exception as exc:  # one clear line for bad input instead of a deep traceback
         code = exit_code_for(exc)
         if code is None:
             raise
-        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        print(f"error: {root_cause(exc)}", file=sys.stderr)
         sys.exit(code)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.validation import as_int
+from ddtas_lightning.config.validation import as_int
 
 _BUFFERS = ("embeddings", "labels", "indices")
 

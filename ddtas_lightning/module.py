@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.checkpointing import restore_buffers, snapshot_buffers
-from ddtas_lightning.distributed import gather
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.losses.pml import check_policy_support
 from ddtas_lightning.metrics import RetrievalMetrics
 from ddtas_lightning.metrics.cluster_stats import ClusterStatistics
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.policies.base import StepBatch, ThresholdPolicy
+from ddtas_lightning.runtime.checkpointing import restore_buffers, snapshot_buffers
+from ddtas_lightning.runtime.distributed import gather
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DMLModule(pl.LightningModule):
             step.images, step.meta_images = images[:n], images[n:]
             step.labels, step.meta_labels = labels[:n], labels[n:]
             step.indices, step.meta_indices = index[:n], index[n:]
-        # Policies compute the loss of the global batch (see ddtas_lightning.distributed).
+        # Policies compute the loss of the global batch (see ddtas_lightning.runtime.distributed).
         step.labels, step.indices = gather(step.labels), gather(step.indices)
         return step
 

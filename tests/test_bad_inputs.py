@@ -29,6 +29,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.cars196 import Cars196
 from ddtas_lightning.data.cub200 import CUB200
 from ddtas_lightning.data.folder import Folder
@@ -38,8 +39,10 @@ from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
 from ddtas_lightning.data.sop import SOP
 from ddtas_lightning.data.synthetic import Synthetic
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.train import _root_cause, build, exit_code_for, resolve_ckpt, train
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.runtime.builder import build
+from ddtas_lightning.runtime.errors import exit_code_for
+from ddtas_lightning.runtime.errors import root_cause as _root_cause
+from ddtas_lightning.runtime.training import resolve_ckpt, train
 from tests.conftest import CONF_DIR, TINY_DATA, compose_train
 from tests.data.conftest import cars_annos, corrupt, write_image
 
@@ -271,7 +274,7 @@ def sop_test_reuses_train_image(ctx: SimpleNamespace) -> object:
 
 
 def run_dir_in_use(ctx: SimpleNamespace) -> object:
-    from ddtas_lightning.run_dir import acquire_lock, release_lock
+    from ddtas_lightning.runtime.run_dir import acquire_lock, release_lock
 
     fd = acquire_lock(ctx.tmp)  # the first run, alive
     try:
@@ -329,7 +332,7 @@ def recall_k_above_gallery(ctx: SimpleNamespace) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("ddtas_lightning.metrics_checks")
+    logger = logging.getLogger("ddtas_lightning.runtime.metrics_checks")
     logger.addHandler(handler)
     try:
         config("metrics.recall_ks=[1,1000]", "evaluate_before_training=true")(ctx)

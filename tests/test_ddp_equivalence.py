@@ -1,6 +1,6 @@
 """DDP equivalence: 2 processes x (B/2) train exactly like 1 process x B (issue 8).
 
-The framework's DDP semantics (:mod:`ddtas_lightning.distributed`): every rank embeds its share of the
+The framework's DDP semantics (:mod:`ddtas_lightning.runtime.distributed`): every rank embeds its share of the
 global P x K batch, the embeddings are gathered with gradient, every rank computes the loss (mining,
 learned threshold, meta gradient, pair weights) of the whole global batch, and DDP's averaging of
 the parameter gradients gives the single-process gradient. If that holds, the two set-ups follow the

@@ -3,7 +3,7 @@ broken): on SLURM (`hydra/launcher=slurm trainer=slurm_ddp trainer.devices=W`) t
 for W tasks and W GPUs per node and every rank joins through Lightning's SLURMEnvironment, checked at
 config level; on this machine the same shape runs for real: `hydra/launcher=submitit_local
 hydra.launcher.tasks_per_node=2 trainer=ddp` starts 2 gloo processes per job, which join through
-ddtas_lightning.cluster.SubmititLocalEnvironment instead of Lightning re-launching sys.argv."""
+ddtas_lightning.runtime.cluster.SubmititLocalEnvironment instead of Lightning re-launching sys.argv."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from ddtas_lightning.cluster import SubmititLocalEnvironment, cluster_plugins
+from ddtas_lightning.runtime.cluster import SubmititLocalEnvironment, cluster_plugins
 from tests.conftest import CONF_DIR, TINY_DATA
 from tests.test_slurm_config import sbatch_script
 

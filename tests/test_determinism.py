@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import TINY_DATA, compose_train
 
 RUN = [*TINY_DATA, "trainer.accelerator=cpu", "trainer.max_epochs=2", "data.batches_per_epoch=3",

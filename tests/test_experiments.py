@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import CONF_DIR, compose_train
 from tests.test_mmsi_train import MMSI_EXPECTED
 

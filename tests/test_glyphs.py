@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data import CUB200, DatasetLayoutError
 from ddtas_lightning.data import glyphs as gl
 from ddtas_lightning.data.glyphs import Glyphs
-from ddtas_lightning.train import exit_code_for, train
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.runtime.errors import exit_code_for
+from ddtas_lightning.runtime.training import train
 
 TINY = dict(num_classes=6, images_per_class=3, image_size=16)
 

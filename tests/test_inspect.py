@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.inspect import embedding_map, gallery_rows, render_gallery_png, select_queries
 from ddtas_lightning.metrics.retrieval import per_query_metrics
-from ddtas_lightning.validation import ConfigError
 from tests.metrics._reference import brute_knn
 
 

@@ -12,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddtas_lightning.train import build, train
+from ddtas_lightning.runtime.builder import build
+from ddtas_lightning.runtime.training import train
 from tests.conftest import CONF_DIR, TINY_DATA, compose_train
 
 RUN = ["trainer.accelerator=cpu", "trainer.check_val_every_n_epoch=1", "evaluate_before_training=false",

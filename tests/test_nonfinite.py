@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddtas_lightning.module import DMLModule, NonFiniteLossError
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import TINY_DATA, compose_train
 
 REPO = Path(__file__).resolve().parents[1]

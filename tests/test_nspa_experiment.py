@@ -15,8 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ddtas_lightning.miners import NSPAMiner, nspa_probabilities
-from ddtas_lightning.nspa_report import heldout_metrics, load_runs, main, summarise
-from ddtas_lightning.train import train
+from ddtas_lightning.report.nspa import heldout_metrics, load_runs, main, summarise
+from ddtas_lightning.runtime.training import train
 from tests.conftest import CONF_DIR, compose_train
 from tests.references import random_batch
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests import test_nspa_experiment as nspa
 from tests.test_nspa_experiment import SMALL, compose
 

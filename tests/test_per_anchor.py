@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.losses import (
     BinomialDevianceLoss,
     ContrastiveLoss,
@@ -26,7 +27,6 @@ from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS
 from ddtas_lightning.miners.none import AllPairsMiner
 from ddtas_lightning.miners.selection import PairSelection
 from ddtas_lightning.policies import HypergradThreshold, MetaThreshold
-from ddtas_lightning.validation import ConfigError
 from tests.policies.conftest import _one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 from tests.policies.problems import LOSSES, central_difference, make_batch, make_model
 from tests.policies.test_meta_threshold import MODES, _objective, _selection

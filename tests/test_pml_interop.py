@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.losses import MultiSimilarityLoss
 from ddtas_lightning.losses.pml import PMLLoss, as_pml_loss
 from ddtas_lightning.miners import MultiSimilarityMiner, PairSelection
 from ddtas_lightning.miners.pml import PMLMiner, as_pml_miner
-from ddtas_lightning.train import ConfigError, train
+from ddtas_lightning.runtime.training import train
 
 
 def batch(seed=0, classes=4, k=4, dim=8, offset=0):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import compose_train
 
 RUN = ["trainer.accelerator=cpu", "trainer.check_val_every_n_epoch=1", "evaluate_before_training=false",

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from ddtas_lightning import checkpointing
-from ddtas_lightning.checkpoint_compat import CONFIG_KEY
-from ddtas_lightning.checkpointing import CheckpointWriteError
-from ddtas_lightning.run_dir import RunDirBusyError, acquire_lock, release_lock
-from ddtas_lightning.train import exit_code_for, train
+from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY
+from ddtas_lightning.runtime.checkpointing import CheckpointWriteError
+from ddtas_lightning.runtime.errors import exit_code_for
+from ddtas_lightning.runtime.run_dir import RunDirBusyError, acquire_lock, release_lock
+from ddtas_lightning.runtime.training import train
 from tests.conftest import TINY_DATA, compose_train
 from tests.test_sigkill_resume import RUN, cli, final, wait_for
 

@@ -1,4 +1,4 @@
-"""What a run records about itself (ddtas_lightning/run_record.py, metrics.json): training CPU seconds
+"""What a run records about itself (ddtas_lightning/runtime/run_record.py, metrics.json): training CPU seconds
 and passes through the model counted at the embedder (a static step: one forward and one backward of the
 batch; the meta policy's extra passes show), the validation metrics of the selected checkpoint, and both
 carried through a checkpoint so a resumed run reports the whole run."""
@@ -9,8 +9,8 @@ import json
 
 import torch
 
-from ddtas_lightning.run_record import ComputeMeter, ValidationHistory
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.run_record import ComputeMeter, ValidationHistory
+from ddtas_lightning.runtime.training import train
 
 FAST = ["trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "logger=none",
         "evaluate_before_training=false", "trainer.enable_progress_bar=false"]

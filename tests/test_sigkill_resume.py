@@ -18,8 +18,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from ddtas_lightning.checkpointing import AtomicCheckpointIO
-from ddtas_lightning.train import build_trainer, train
+from ddtas_lightning.runtime.builder import build_trainer
+from ddtas_lightning.runtime.checkpointing import AtomicCheckpointIO
+from ddtas_lightning.runtime.training import train
 from tests.conftest import TINY_DATA, compose_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_trainer_writes_checkpoints_atomically(tiny_cfg):
 KILL_MID_WRITE = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from ddtas_lightning.checkpointing import AtomicCheckpointIO
+    from ddtas_lightning.runtime.checkpointing import AtomicCheckpointIO
 
     path = sys.argv[1]
     io = AtomicCheckpointIO()

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from ddtas_lightning.slurm import requeue_signal
+from ddtas_lightning.runtime.slurm import requeue_signal
 from tests.conftest import CONF_DIR
 
 

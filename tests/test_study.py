@@ -9,7 +9,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from ddtas_lightning.study import TARGET_GAP, arm_label, main, meets_target, settings
+from ddtas_lightning.report.study import TARGET_GAP, arm_label, main, meets_target, settings
 from tests.test_compare import make_run
 
 HYPER = "ddtas_lightning.policies.HypergradThreshold"

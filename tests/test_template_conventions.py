@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ddtas_lightning.run_output import LineProgress, config_tree, progress_options
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.run_output import LineProgress, config_tree, progress_options
+from ddtas_lightning.runtime.training import train
 from tests.test_train_cli import REPO
 
 DEBUG = sorted(p.stem for p in Path(REPO, "conf", "debug").glob("*.yaml") if p.stem != "default")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ddtas_lightning.train import ConfigError, train
+from ddtas_lightning.config.validation import ConfigError
+from ddtas_lightning.runtime.training import train
 from tests.conftest import CONF_DIR, TINY_DATA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 from hydra.utils import instantiate
 
 from ddtas_lightning.report.wandb_logger import resolve_mode, run_tags
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.batch_rng import BatchSeededDataset
 from ddtas_lightning.data.records import DatasetSource, SplitRecords
 from ddtas_lightning.data.sampler import PKBatchSampler, ResumableDataLoader, WithMetaBatch, fit_position
-from ddtas_lightning.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.data.records import DatasetSource, SplitRecords
 from ddtas_lightning.data.transforms import TransformPair
-from ddtas_lightning.validation import check_choice
 
 
 def gaussian_clusters(

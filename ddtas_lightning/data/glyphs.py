@@ -63,9 +63,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from ddtas_lightning.config.validation import ConfigError, check_choice
 from ddtas_lightning.data.records import DatasetLayoutError
 from ddtas_lightning.data.synthetic import MANIFEST, Synthetic
-from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 

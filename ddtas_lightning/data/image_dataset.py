@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ddtas_lightning.config.validation import ConfigError, check_choice
 from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
-from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.config.validation import check_choice
 
 
 class DatasetLayoutError(RuntimeError):

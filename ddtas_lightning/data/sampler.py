@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ddtas_lightning.config.validation import ConfigError, check_choice
 from ddtas_lightning.data.batch_rng import SeededBatch, mix_seed
-from ddtas_lightning.validation import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 

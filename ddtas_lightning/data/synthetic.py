@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.data.cub200 import CUB200
 from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords
-from ddtas_lightning.validation import check_choice
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.config.validation import ConfigError
 
 
 def tsne_2d(embeddings: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:

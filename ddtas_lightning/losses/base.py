@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddtas_lightning.config.validation import as_float
 from ddtas_lightning.miners.selection import PairSelection, label_masks
-from ddtas_lightning.validation import as_float
 
 
 class MetricLoss(nn.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ddtas_lightning.config.validation import as_float
 from ddtas_lightning.losses.base import MetricLoss, pair_weights, upcast
 from ddtas_lightning.losses.soft_contrastive import mean_softplus_loss
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.validation import as_float
 
 
 class BinomialDevianceLoss(MetricLoss):

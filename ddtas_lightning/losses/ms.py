@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ddtas_lightning.config.validation import as_float
 from ddtas_lightning.losses.base import MetricLoss, masked_log1p_sum_exp, pair_weights, upcast
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.validation import as_float
 
 
 class MultiSimilarityLoss(MetricLoss):

@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.selection import PairSelection, label_masks
-from ddtas_lightning.validation import ConfigError
 
 
 def import_pml(what: str):

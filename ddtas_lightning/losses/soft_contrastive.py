@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ddtas_lightning.config.validation import as_float
 from ddtas_lightning.losses.base import MetricLoss, pair_weights, upcast
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.validation import as_float
 
 
 def mean_softplus_loss(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ddtas_lightning.config.validation import ConfigError, check_choice
 from ddtas_lightning.losses.base import MetricLoss, is_pos_neg, upcast
 from ddtas_lightning.miners.selection import DISTANCES, PairSelection, distance_from_dots, enumerate_triplets
-from ddtas_lightning.validation import ConfigError, check_choice
 
 
 class TripletMarginLoss(MetricLoss):

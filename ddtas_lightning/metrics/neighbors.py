@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddtas_lightning.validation import check_choice
+from ddtas_lightning.config.validation import check_choice
 
 log = logging.getLogger(__name__)
 

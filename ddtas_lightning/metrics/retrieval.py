@@ -34,10 +34,10 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.metrics.clustering import clustering_nmi
 from ddtas_lightning.metrics.neighbors import BACKENDS, Backend, KNNIndex
 from ddtas_lightning.metrics.ranks import RelevantRanker
-from ddtas_lightning.validation import check_choice
 
 DEFAULT_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
 _OUTPUT_BLOCK_ELEMENTS = 2**22  # (queries x k) neighbour block held at once

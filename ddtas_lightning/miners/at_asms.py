@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.miners.asms import asms_masks
 from ddtas_lightning.miners.base import PairMiner
 from ddtas_lightning.miners.ms import hardest_similarities
 from ddtas_lightning.miners.selection import PairSelection, basic_stats
-from ddtas_lightning.validation import check_choice
 
 COUNT_NEG_MARGINS = ("m", "m/10")
 

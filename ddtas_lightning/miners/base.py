@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.miners.selection import (
     DISTANCES,
     PairSelection,
@@ -17,7 +18,6 @@ from ddtas_lightning.miners.selection import (
     sim_to_distance,
     triplet_selection,
 )
-from ddtas_lightning.validation import check_choice
 
 
 class BaseMiner(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import (
     DISTANCES,
@@ -14,7 +15,6 @@ from ddtas_lightning.miners.selection import (
     sim_to_distance,
     triplet_selection,
 )
-from ddtas_lightning.validation import check_choice
 
 
 class BatchHardMiner(BaseMiner):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ddtas_lightning.config.validation import check_choice
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import (
     DISTANCES,
@@ -26,7 +27,6 @@ from ddtas_lightning.miners.selection import (
     triplet_selection,
     uniform_like,
 )
-from ddtas_lightning.validation import check_choice
 
 POLICIES = ("random_hard", "semi_hard", "hardest")
 DRAWS = ("pair", "batch")

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.losses.pml import _plain, import_pml, pml_class
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
-from ddtas_lightning.validation import ConfigError
 
 
 class PMLMiner(BaseMiner):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddtas_lightning.validation import ConfigError, check_choice
+from ddtas_lightning.config.validation import ConfigError, check_choice
 
 POOLINGS = ("avg", "max", "avg+max")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.distributed import gather, gather_with_grad
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.runtime.distributed import gather, gather_with_grad
 
 
 @dataclass
@@ -100,7 +100,7 @@ def similarities(embeddings: Tensor) -> Tensor:
 
 def global_embeddings(local: Tensor) -> Tensor:
     """The embeddings of the whole global batch from this rank's rows (gathered with gradient under
-    DDP; the identity otherwise). See :mod:`ddtas_lightning.distributed`."""
+    DDP; the identity otherwise). See :mod:`ddtas_lightning.runtime.distributed`."""
     return gather_with_grad(local)
 
 

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.distributed import is_distributed
+from ddtas_lightning.config.validation import ConfigError, check_choice
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
@@ -61,7 +61,7 @@ from ddtas_lightning.policies.virtual_step import (
     loss_and_gradient,
     select_parameters,
 )
-from ddtas_lightning.validation import ConfigError, check_choice
+from ddtas_lightning.runtime.distributed import is_distributed
 
 LR_SCHEDULES = ("constant", "run_length")
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.distributed import is_distributed
+from ddtas_lightning.config.validation import as_int, check_choice
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.policies.base import (
@@ -60,7 +60,7 @@ from ddtas_lightning.policies.virtual_step import (
     tangent_meta_gradient,
     virtual_sgd_step,
 )
-from ddtas_lightning.validation import as_int, check_choice
+from ddtas_lightning.runtime.distributed import is_distributed
 
 GRANULARITIES = ("scalar", "pos_neg", "per_anchor")
 MODES = ("exact", "jvp")

@@ -60,7 +60,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from ddtas_lightning.distributed import is_distributed
+from ddtas_lightning.config.validation import as_int, check_choice
 from ddtas_lightning.losses.base import MetricLoss, zero_loss
 from ddtas_lightning.losses.triplet import TripletMarginLoss
 from ddtas_lightning.miners.base import BaseMiner
@@ -82,7 +82,7 @@ from ddtas_lightning.policies.virtual_step import (
     loss_and_gradient,
     tangent_meta_gradient,
 )
-from ddtas_lightning.validation import as_int, check_choice
+from ddtas_lightning.runtime.distributed import is_distributed
 
 MODES = ("exact", "jvp")
 NORMALIZATIONS = ("official", "per_sign", "loss_terms")

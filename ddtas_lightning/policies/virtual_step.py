@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from ddtas_lightning.distributed import all_reduce_mean, all_reduce_mean_  # noqa: F401 - re-exported
+from ddtas_lightning.runtime.distributed import all_reduce_mean, all_reduce_mean_  # noqa: F401 - re-exported
 
 Params = dict[str, Tensor]
 
@@ -76,7 +76,7 @@ def select_parameters(model: nn.Module, which: str) -> Params:
         return params
     head = {n: p for n, p in params.items() if n.startswith("head.")}
     if not head:
-        from ddtas_lightning.validation import ConfigError
+        from ddtas_lightning.config.validation import ConfigError
 
         raise ConfigError(
             "threshold_policy.meta_params=head: the model has no trainable parameter named head.* "
@@ -175,7 +175,7 @@ def virtual_sgd_step(loss: Tensor, params: Mapping[str, Tensor], lr: float, *,
         return {n: p - lr * grads[n] for n, p in params.items()}
     names = list(params)
     # Under DDP the loss is the global batch's on every rank and each rank holds the gradient through
-    # its own rows (times W): the mean over ranks is the full gradient (ddtas_lightning.distributed).
+    # its own rows (times W): the mean over ranks is the full gradient (ddtas_lightning.runtime.distributed).
     all_reduce_mean_([grads[n] for n in names])
     with torch.no_grad():  # constants: one fused loop, no graph
         stepped = torch._foreach_add([params[n] for n in names], [grads[n] for n in names], alpha=-lr)

@@ -101,7 +101,7 @@ def test_dim_mismatch_and_unreadable_cache_are_clear_errors(tmp_path, data_dir):
 
 
 def test_study_experiment_trains_a_head_on_the_cache(tmp_path, data_dir):
-    from ddtas_lightning.train import train
+    from ddtas_lightning.runtime.training import train
 
     cfg = compose_train(["experiment=threshold_study", *TINY_IMAGES, "dataset.source.images.source.num_classes=16",
                          "arm=study/hg_nca", "loss.threshold=0.8",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.datamodule import DMLDataModule
 from ddtas_lightning.data.gaussian_clusters import GaussianClusters, IdentityTransform
-from ddtas_lightning.validation import ConfigError
 
 
 def _module(**kw):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.datamodule import resolve_pin_memory
-from ddtas_lightning.validation import ConfigError
 
 
 def test_auto_follows_cuda(monkeypatch):

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.sampler import PKBatchSampler
-from ddtas_lightning.validation import ConfigError
 
 # class 0: 2 images (< K), class 1: 5 images (K + 1: every second batch crosses a permutation boundary),
 # classes 2-5: 4, 6, 7, 9 images

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import compose_train
 
 SMALL = [

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from ddtas_lightning.models import Embedder
-from ddtas_lightning.train import train
+from ddtas_lightning.runtime.training import train
 from tests.conftest import compose_train
 
 

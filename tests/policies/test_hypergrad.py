@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.losses.retrieval_objectives import OBJECTIVES
 from ddtas_lightning.miners.none import AllPairsMiner
 from ddtas_lightning.miners.selection import PairSelection
 from ddtas_lightning.policies import HypergradThreshold, MetaThreshold
-from ddtas_lightning.validation import ConfigError
 from tests.policies.problems import LOSSES, central_difference, make_batch, make_model
 
 K = 4

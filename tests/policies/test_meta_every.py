@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
+from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS
 from ddtas_lightning.policies import MetaThreshold
-from ddtas_lightning.validation import ConfigError
 from tests.policies.problems import make_batch, make_model
 
 STEPS = 7

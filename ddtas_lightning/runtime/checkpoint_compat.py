@@ -6,17 +6,17 @@ backbone, ``threshold_policy=meta`` vs ``static``, ...) then fails with a ``Runt
 key, in a 40-line traceback. :func:`check_checkpoint_compat` compares the checkpoint's ``state_dict``
 (names and shapes, the two things a strict load checks; buffers a submodule declares in
 ``variable_shape_state`` change shape as they fill and are only checked by name) with the module's before anything runs, and
-raises one :class:`~ddtas_lightning.validation.ConfigError` naming ``ckpt_path``, the first few
+raises one :class:`~ddtas_lightning.config.validation.ConfigError` naming ``ckpt_path``, the first few
 mismatches, the config groups they belong to and, when the checkpoint's run dir still holds Hydra's
 ``.hydra/config.yaml``, the config values that differ.
 
 When the model fits, the config is compared too: every checkpoint carries the composed config of the
-run that wrote it (``ddtas_config``, saved by :class:`ddtas_lightning.run_dir.ConfigInCheckpoint`), and
+run that wrote it (``ddtas_config``, saved by :class:`ddtas_lightning.runtime.run_dir.ConfigInCheckpoint`), and
 :func:`check_resume_config` refuses a resume whose config differs in any key outside
 :data:`RESUME_MAY_CHANGE` (where it writes and logs, how long it trains, the hardware, the loader
 processes): ``ckpt_path=last optimizer=sgd`` gets the same "written under another config" error instead
 of ``KeyError: 'momentum'`` from the optimiser state. Through the CLI the same check runs in a Hydra
-callback before Hydra rewrites ``.hydra/config.yaml`` (:mod:`ddtas_lightning.run_dir`).
+callback before Hydra rewrites ``.hydra/config.yaml`` (:mod:`ddtas_lightning.runtime.run_dir`).
 
 Apart from that, only the ``state_dict`` is checked: other checkpoint entries (optimizer, loops, RNG and sampler state)
 are Lightning's and the callbacks' business. The file is opened with ``weights_only=True`` and
@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.config.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

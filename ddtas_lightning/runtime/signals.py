@@ -5,12 +5,12 @@ Lightning's own SIGTERM handling sets ``trainer.received_sigterm``; the loops th
 process exited 0 and kept nothing since the last periodic checkpoint. :class:`StopOnSignal` (a trainer
 callback) makes SIGINT (Ctrl-C) take the same route (the first one; a second Ctrl-C interrupts at once),
 saves ``<run dir>/checkpoints/last.ckpt`` when the exception reaches the callbacks (between two batches,
-so the saved state is a consistent one; the write is atomic, :mod:`ddtas_lightning.checkpointing`), and
+so the saved state is a consistent one; the write is atomic, :mod:`ddtas_lightning.runtime.checkpointing`), and
 records what happened on the exception. :func:`exit_for_signal` turns it into one ``error:`` line naming
 the checkpoint and the resume command, and the exit code a shell gives a process killed by the signal
 (143 = 128 + SIGTERM, 130 = 128 + SIGINT), so schedulers, CI and sweeps see a failure.
 
-SIGUSR2 is not touched: it stays SLURM's requeue signal (:mod:`ddtas_lightning.slurm`).
+SIGUSR2 is not touched: it stays SLURM's requeue signal (:mod:`ddtas_lightning.runtime.slurm`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ is a Hydra callback (``conf/hydra/default.yaml``) whose ``on_run_start`` runs be
   ``error:`` line and exit code 2 instead of both corrupting the CSV log and neither writing metrics;
 * refuses a run dir it cannot write (read-only file system, permissions);
 * for ``ckpt_path=last`` (or a path), compares the config with the one saved inside the checkpoint
-  (:func:`ddtas_lightning.checkpoint_compat.check_resume_config`) and refuses a changed config before
+  (:func:`ddtas_lightning.runtime.checkpoint_compat.check_resume_config`) and refuses a changed config before
   ``.hydra/config.yaml`` is overwritten, so the run dir keeps recording the config of its checkpoints.
 
 In multirun mode every job has its own dir (``<sweep dir>/<job num>``); ``on_job_start`` takes the
@@ -18,7 +18,7 @@ job dir in use (two sweeps given one sweep dir) stops the second sweep with one 
 
 :func:`check_writable` is the same check for ``train()`` called without Hydra, and
 :func:`run_callbacks` the trainer callbacks of a run: the config saved in every checkpoint, the
-checkpoint at SIGTERM/SIGINT (:mod:`ddtas_lightning.signals`) and the R@K-vs-gallery warning.
+checkpoint at SIGTERM/SIGINT (:mod:`ddtas_lightning.runtime.signals`) and the R@K-vs-gallery warning.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.config.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class RunDirGuard(Callback):
             self._fd = acquire_lock(run_dir)
             ckpt = _resume_checkpoint(config, run_dir)
             if ckpt is not None:
-                from ddtas_lightning.checkpoint_compat import check_resume_config
+                from ddtas_lightning.runtime.checkpoint_compat import check_resume_config
 
                 task = OmegaConf.to_container(config, resolve=False)
                 task.pop("hydra", None)
@@ -177,15 +177,15 @@ class ConfigInCheckpoint(pl.Callback):
         self.config = OmegaConf.to_container(cfg, resolve=False)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        from ddtas_lightning.checkpoint_compat import CONFIG_KEY
+        from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY
 
         checkpoint[CONFIG_KEY] = self.config
 
 
 def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The callbacks every training run gets (``train.build_trainer``)."""
-    from ddtas_lightning.metrics_checks import RecallAtKCheck
-    from ddtas_lightning.signals import StopOnSignal
+    from ddtas_lightning.runtime.metrics_checks import RecallAtKCheck
+    from ddtas_lightning.runtime.signals import StopOnSignal
 
     return [ConfigInCheckpoint(cfg), StopOnSignal(cfg.paths.output_dir), RecallAtKCheck()]
 

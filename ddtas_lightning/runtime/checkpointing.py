@@ -25,7 +25,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ddtas_lightning.validation import ConfigError
+from ddtas_lightning.config.validation import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,259 @@
+"""The learned-threshold study report: ``python -m ddtas_lightning.study STUDY_DIR [--out OUT]`` (= ``make study``).
+
+STUDY_DIR holds one directory per setting (``<images>_<steps>``, written by ``make study``), each with a
+``grid`` sweep (``arm=study/static`` at every grid lambda) and a ``learned`` sweep (``arm=study/<arm>``
+started from each end of the grid; further ``learned_<name>`` sweeps are read too), all of ``experiment=threshold_study``. Per setting it reuses the
+comparison of :mod:`ddtas_lightning.report.summary`: the grid search chosen on validation per seed is the
+reference, every learned arm x start gets its paired-by-seed test R@1 difference with a 95% t interval, and
+its CPU seconds against the grid's. On top of that:
+
+* **does the threshold matter here?** the grid's best minus worst point (seed-mean test R@1) with the paired
+  t interval: a setting whose interval does not clear 1 point (the +-1 the study's seeds are sized for) is
+  flagged flat: there any lambda is near the best, and reaching it proves nothing;
+* **target** per learned arm: within 0.5 R@1 of the validation-selected grid (mean difference >= -0.5 and,
+  decided, the interval's lower end >= -0.5) at <= 1/4 of the grid's CPU seconds;
+* the **ablation table**: one row per arm x start, one column per setting;
+* ``lambda_<setting>.png``: lambda over steps for every arm and start (seed means; thin lines: seeds), the
+  grid point chosen on validation (seed mean) drawn across.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddtas_lightning.report.runs import Arm, Run, SweepError, load_sweep, run_dirs
+from ddtas_lightning.report.stats import Interval, t_interval
+from ddtas_lightning.report.summary import Comparison, compare
+
+TARGET_GAP = 0.005          # 0.5 R@1 points (metrics are fractions)
+TARGET_COMPUTE = 0.25       # of the grid's CPU seconds (one seed)
+MATTERS = 0.01              # the grid's best - worst interval must clear 1 point: the +-1 the seeds are sized for
+
+
+def _override(run: Run, key: str) -> str | None:
+    for o in run.overrides:
+        k, _, v = o.partition("=")
+        if k.lstrip("+~") == key:
+            return v
+    return None
+
+
+def arm_label(run: Run) -> str:
+    """``λ 0.2`` for a grid point; ``hg_nca_heldout from 0.8`` for a learned arm (start = loss.threshold)."""
+    arm = (_override(run, "arm") or "?").removeprefix("study/")
+    start = run.loss_threshold
+    start_s = "?" if start is None else f"{start:g}"
+    return f"λ {start_s}" if arm == "static" else f"{arm} from {start_s}"
+
+
+def group(runs: list[Run]) -> list[Arm]:
+    """Runs grouped by arm x start, in sweep order (grid first)."""
+    arms: dict[str, Arm] = {}
+    for run in runs:
+        label = arm_label(run)
+        arms.setdefault(label, Arm(label, [])).runs.append(run)
+    return list(arms.values())
+
+
+@dataclass
+class Setting:
+    name: str
+    comparison: Comparison
+    spread: Interval | None       # best minus worst grid point (seed-mean test R@1), paired over seeds
+    best_label: str | None
+    worst_label: str | None
+
+    @property
+    def threshold_matters(self) -> bool:
+        return self.spread is not None and self.spread.low > MATTERS
+
+
+def grid_spread(c: Comparison) -> tuple[Interval | None, str | None, str | None]:
+    static = [s for s in c.arms if s.kind == "static" and s.r1.n >= 2]
+    if len(static) < 2:
+        return None, None, None
+    best = max(static, key=lambda s: s.r1.mean)
+    worst = min(static, key=lambda s: s.r1.mean)
+    b, w = best.arm.by_seed("R@1"), worst.arm.by_seed("R@1")
+    return t_interval([b[s] - w[s] for s in sorted(set(b) & set(w))]), best.label, worst.label
+
+
+def load_setting(path: Path) -> Setting:
+    runs: list[Run] = []
+    sweeps = [path / "grid", *sorted(p for p in path.glob("learned*") if p.is_dir())]
+    if len(sweeps) < 2:
+        raise SweepError(f"{path / 'learned'}: missing; a study setting holds a grid/ and a learned/ sweep "
+                         "(make study writes them; more learned arms may go to learned_<name>/)")
+    for sweep in sweeps:
+        if not run_dirs(sweep):
+            raise SweepError(f"{sweep}: holds no runs (make study writes them)")
+        runs += load_sweep(sweep)
+    c = compare(path, group(runs))
+    return Setting(path.name, c, *grid_spread(c))
+
+
+def settings(study: Path) -> list[Setting]:
+    dirs = sorted(p for p in study.iterdir() if p.is_dir() and (p / "grid").is_dir())
+    if not dirs:
+        raise SweepError(f"{study}: no study settings (sub-directories with grid/ and learned/ sweeps); "
+                         "run make study")
+    return [load_setting(d) for d in dirs]
+
+
+def meets_target(v) -> str:
+    gap_ok = v.r1.mean >= -TARGET_GAP
+    cost_ok = not math.isnan(v.compute_ratio) and 1 / v.compute_ratio <= TARGET_COMPUTE
+    if not cost_ok:
+        return "no (compute)"
+    if not gap_ok:
+        return "no"
+    return "yes" if v.r1.low >= -TARGET_GAP else "mean only"
+
+
+def _pp(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def setting_table(s: Setting) -> list[str]:
+    c = s.comparison
+    head = c.headline
+    lines = [f"### {s.name}", ""]
+    if head is None:
+        return lines + ["no finished grid runs", ""]
+    spread = "n/a" if s.spread is None else (f"{s.best_label} − {s.worst_label}: {_pp(s.spread.mean)} "
+                                             f"[{_pp(s.spread.low)}, {_pp(s.spread.high)}]")
+    lines += [
+        f"- grid chosen on validation per seed: test R@1 {head.metric('R@1').fmt(100)} "
+        f"(picks: {head.label()}), {c.grid_cpu_s:.0f} CPU s per seed",
+        f"- grid best − worst point (test R@1, paired 95% t): {spread}"
+        + ("" if s.threshold_matters else "  **flat (the interval does not clear 1 point): this setting proves "
+           "nothing**"),
+        f"- oracle (test-chosen, optimistic): {c.oracle.label() if c.oracle else 'n/a'} "
+        f"{c.oracle.metric('R@1').fmt(100) if c.oracle else ''}",
+        "",
+        "| arm | seeds | test R@1 | λ start→end | ΔR@1 vs grid [95% t] | ± | verdict | CPU s | grid/arm | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s_ in c.arms:
+        if s_.kind == "static":
+            lines.append(f"| {s_.label} | {s_.r1.n} | {s_.r1.fmt(100)} | {s_.thresholds} | | | | "
+                         f"{s_.cpu.fmt(digits=1)} | | |")
+    for v in c.versus:
+        a = v.arm
+        lines.append(
+            f"| {a.label} | {a.r1.n} | {a.r1.fmt(100)} | {a.thresholds} | {_pp(v.r1.mean)} "
+            f"[{_pp(v.r1.low)}, {_pp(v.r1.high)}] | {100 * v.r1.half_width:.1f} | {v.verdict} | "
+            f"{a.cpu.fmt(digits=1)} | {v.compute_ratio:.1f}x | {meets_target(v)} |")
+    return lines + [""]
+
+
+def ablation_table(all_settings: list[Setting]) -> list[str]:
+    """Rows: learned arm x start; columns: settings; cells: ΔR@1 [95% t] (verdict)."""
+    labels: list[str] = []
+    for s in all_settings:
+        for v in s.comparison.versus:
+            if v.arm.label not in labels:
+                labels.append(v.arm.label)
+    head = "| arm | " + " | ".join(s.name + ("" if s.threshold_matters else " (flat)") for s in all_settings) + " |"
+    lines = [head, "|---|" + "---|" * len(all_settings)]
+    for label in labels:
+        cells = []
+        for s in all_settings:
+            v = next((v for v in s.comparison.versus if v.arm.label == label), None)
+            cells.append("–" if v is None else f"{_pp(v.r1.mean)} [{_pp(v.r1.low)}, {_pp(v.r1.high)}] "
+                         f"{meets_target(v)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def grid_choice(c: Comparison) -> float | None:
+    """The grid lambda with the best seed-mean validation R@1 (what a grid search over seeds returns)."""
+    pick = next((p for p in c.picks if p.name == "validation, seed mean"), None)
+    if pick is None or not pick.by_seed:
+        return None
+    return next(iter(pick.by_seed.values())).loss_threshold
+
+
+def plot_lambda(s: Setting, path: Path) -> Path | None:
+    """lambda over steps per learned arm x start (and the learned margin m beside it, where one was)."""
+    from ddtas_lightning.report.plots import _seed_mean, plt
+
+    learned = [a for a in s.comparison.arms if a.kind == "dynamic"]
+    curves = {key: {a.label: [r.curves[key] for r in a.arm.ok_runs if r.curves.get(key)] for a in learned}
+              for key in ("train/lambda", "train/margin")}
+    learned = [a for a in learned if curves["train/lambda"][a.label]]
+    if not learned:
+        return None
+    with_m = any(curves["train/margin"].values())
+    fig, axes = plt.subplots(1, 2 if with_m else 1, figsize=(15 if with_m else 10, 5.5), squeeze=False)
+    # one colour per arm, one line style per start (the arms outnumber a colour cycle once per start)
+    names = list(dict.fromkeys(a.label.split(" from ")[0] for a in learned))
+    starts = list(dict.fromkeys(a.label.split(" from ")[-1] for a in learned))
+    cycle = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {a.label: cycle(names.index(a.label.split(" from ")[0])) for a in learned}
+    styles = {a.label: ("-", "--", ":", "-.")[starts.index(a.label.split(" from ")[-1]) % 4] for a in learned}
+    chosen = grid_choice(s.comparison)
+    for ax, key, name in zip(axes[0], ("train/lambda", "train/margin"), ("λ", "m")):
+        for a in learned:
+            for curve in curves[key][a.label]:
+                ax.plot(*zip(*curve), color=colors[a.label], alpha=0.15, linewidth=0.6)
+            if curves[key][a.label]:
+                ax.plot(*_seed_mean(curves[key][a.label]), color=colors[a.label], linestyle=styles[a.label],
+                        linewidth=2, label=f"{a.label} ({len(curves[key][a.label])} seeds)")
+        if key == "train/lambda" and chosen is not None:
+            ax.axhline(chosen, color="black", linestyle="--", linewidth=1.5,
+                       label=f"grid λ chosen on validation (seed mean): {chosen:g}")
+        if key == "train/margin":
+            ax.axhline(0.1, color="grey", linestyle=":", linewidth=1.2, label="the grid's fixed m = 0.1")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[0][0].set_title(f"Learned λ (seed means; thin: each seed), {s.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(all_settings: list[Setting]) -> str:
+    lines = ["# Learned thresholds vs the validation-selected grid (make study)", "",
+             "ΔR@1 in points, test classes, paired by seed, 95% t interval. Target: ΔR@1 ≥ −0.5 "
+             f"(\"yes\": the whole interval; \"mean only\": the mean) at ≤ {TARGET_COMPUTE:g} of the grid's "
+             "CPU seconds.", "", "## Ablation", ""]
+    lines += ablation_table(all_settings) + ["", "## Per setting", ""]
+    for s in all_settings:
+        lines += setting_table(s)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddtas_lightning.study", description=__doc__.split("\n")[0])
+    parser.add_argument("study", type=Path, help="a study dir (multirun/threshold_study/<date>_<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="default <study>/report")
+    args = parser.parse_args(argv)
+    try:
+        found = settings(args.study)
+    except (SweepError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or args.study / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(found)
+    (out / "report.md").write_text(text)
+    for s in found:
+        plot_lambda(s, out / f"lambda_{s.name}.png")
+    print(text)
+    print(f"written: {out}/report.md, lambda_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Setting", "ablation_table", "arm_label", "grid_spread", "main", "meets_target", "settings"]
