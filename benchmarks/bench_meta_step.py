@@ -13,6 +13,12 @@ Variants: static | meta exact (``exact_impl="identity"``, the default) | meta ex
 | hypergrad ``meta_params`` all | head x ``meta_objective`` loss | nca (``HypergradThreshold``, its other
 defaults; the sweep's arm is head-nca) | hypergrad all-nca every=4 (the amortisation, where the policy
 offers ``every``; it does not yet: "not available").
+Issue 23 (same rounds): ``target_rate`` (the statistics-driven lambda, ``TargetRateThreshold``: a static
+step plus one sort of the B x B similarities; its bound is the static step's passes) and ``many_heads K=6
+split=head`` (``ManyHeadsThreshold`` over the study's 6-point grid on ``ManyHeads``: the resnet18 trunk once,
+6 linear heads); in the tiny-model table ``mlp target_rate``, ``mlp many_heads K=6`` (split=none: 6
+whole MLPs, the cached-feature mode's grid in one run) and ``mlp many_heads K=6 split=head`` (the hidden
+layers shared), each many-heads row also printed as a fraction of the 6 static steps it replaces.
 Tiny model (the cached-feature mode: ``backbone=mlp`` on 512-d vectors, ``MLPEmbedder(in_dim=512)`` with
 conf/backbone/mlp.yaml's hidden [128, 128], dim 32; same batch sizes, miner, loss and optimiser): mlp
 static | mlp meta jvp | mlp hypergrad all-nca | head-nca, in the same rounds, printed in a table of their
@@ -65,6 +71,7 @@ Run: .venv/bin/python benchmarks/bench_meta_step.py [--repeats 5] [--warmup 2] [
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
@@ -83,8 +90,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddtas_lightning.losses import SoftContrastiveLoss  # noqa: E402
 from ddtas_lightning.miners.at_asms import AdaptiveToleranceASMS  # noqa: E402
 from ddtas_lightning.models import Embedder  # noqa: E402
+from ddtas_lightning.models.many_heads import ManyHeads  # noqa: E402
 from ddtas_lightning.models.mlp import MLPEmbedder  # noqa: E402
-from ddtas_lightning.policies import HypergradThreshold, MetaThreshold, StaticThreshold, StepBatch  # noqa: E402
+from ddtas_lightning.policies import (  # noqa: E402
+    HypergradThreshold,
+    ManyHeadsThreshold,
+    MetaThreshold,
+    StaticThreshold,
+    StepBatch,
+    TargetRateThreshold,
+)
 from ddtas_lightning.policies.virtual_step import (  # noqa: E402
     FunctionalModel,
     gradient_and_tangent,
@@ -92,6 +107,8 @@ from ddtas_lightning.policies.virtual_step import (  # noqa: E402
 )
 
 TARGETS = {"meta jvp": 1.5, "meta exact": 2.0, "meta head-only": 1.15}
+# Issue 23: the study's lambda grid, one head each (threshold_policy=many_heads)
+HEAD_GRID = (-0.2, 0.0, 0.2, 0.4, 0.6, 0.8)
 HYPERGRAD_OBJECTIVES = ("loss", "nca")
 NOT_AVAILABLE = "not available"
 
@@ -225,6 +242,7 @@ def lower_bounds(u: dict[str, float], every: int) -> dict[str, float]:
         "meta exact": static + u["M"] + 2 * b,
         "meta head-only": static + u["Mf"],
         f"meta jvp every={every}": ((every - 1) * static + jvp) / every,
+        "target_rate": static,  # a static step's passes (+ one sort of the B x B similarities)
     }
     if "H" in u:  # hypergrad (see the module docstring)
         full = static + u["M"] + u["H"] + u["O"]
@@ -384,6 +402,7 @@ def main() -> int:
         "meta jvp-separate": MetaThreshold(mode="jvp", jvp_reuse_forward=False),
         "meta head-only": optional_policy(MetaThreshold, mode="jvp", meta_params="head"),
         **hypergrad_policies(),
+        "target_rate": TargetRateThreshold(),
     }
     if args.quick:
         for name in ("meta exact-double_bw", "meta jvp-separate", "hypergrad all-loss", "hypergrad head-loss"):
@@ -396,6 +415,12 @@ def main() -> int:
     for name, p in every.items():
         if p is not None:
             steps[name] = make_period_step(p.to(device), model, loss_fn, miner, batch, opt, args.every)
+    # the grid in one run with a shared trunk (split=head: resnet18 trunk, K linear heads, trunk gets their mean)
+    heads_name = f"many_heads K={len(HEAD_GRID)} split=head"
+    heads_model = ManyHeads(copy.deepcopy(model), len(HEAD_GRID), split="head").to(device).train()
+    heads_opt = torch.optim.Adam(heads_model.parameters(), lr=1e-5, weight_decay=5e-4)
+    steps[heads_name] = make_step(ManyHeadsThreshold(HEAD_GRID, split="head").to(device), heads_model, loss_fn,
+                                  miner, batch, heads_opt)
     steps.update(unit_steps(model, batch.images, batch.meta_images, opt))
     steps.update(hvp_unit(model, batch.images))
 
@@ -408,9 +433,22 @@ def main() -> int:
     )
     mlp_opt = torch.optim.Adam(mlp.parameters(), lr=1e-5, weight_decay=5e-4)
     mlp_policies = {"mlp static": StaticThreshold(), "mlp meta jvp": MetaThreshold(mode="jvp"),
-                    **hypergrad_policies(objectives=("nca",), prefix="mlp ")}
+                    **hypergrad_policies(objectives=("nca",), prefix="mlp "), "mlp target_rate": TargetRateThreshold()}
     steps.update({name: make_step(p.to(device), mlp, loss_fn, miner, mlp_batch, mlp_opt)
                   for name, p in mlp_policies.items()})
+    # the grid in one run, cached-feature mode (split=none: K whole MLPs, one vmap call), vs one static step
+    mlp_heads_name = f"mlp many_heads K={len(HEAD_GRID)}"
+    mlp_heads = ManyHeads(copy.deepcopy(mlp), len(HEAD_GRID)).to(device).train()
+    mlp_heads_opt = torch.optim.Adam(mlp_heads.parameters(), lr=1e-5, weight_decay=5e-4)
+    steps[mlp_heads_name] = make_step(ManyHeadsThreshold(HEAD_GRID).to(device), mlp_heads, loss_fn, miner,
+                                      mlp_batch, mlp_heads_opt)
+    # ... with a shared MLP trunk (split=head: the hidden layers once, 6 linear heads)
+    mlp_shared_name = f"mlp many_heads K={len(HEAD_GRID)} split=head"
+    mlp_shared = ManyHeads(copy.deepcopy(mlp), len(HEAD_GRID), split="head").to(device).train()
+    mlp_shared_opt = torch.optim.Adam(mlp_shared.parameters(), lr=1e-5, weight_decay=5e-4)
+    steps[mlp_shared_name] = make_step(ManyHeadsThreshold(HEAD_GRID, split="head").to(device), mlp_shared, loss_fn,
+                                       miner, mlp_batch, mlp_shared_opt)
+    mlp_names = [*mlp_policies, mlp_heads_name, mlp_shared_name]
 
     times, memory, _ = measure_steps(steps, device, args.warmup, args.repeats, args.memory_repeats)
     for name, p in every.items():
@@ -428,12 +466,17 @@ def main() -> int:
     mem_kind = "CUDA max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (VmHWM - VmRSS)"
     print(f"memory: {mem_kind}, median of {args.memory_repeats}")
     width = 27
-    print_ratio_table(times, memory, width=width, names=[n for n in times if n not in mlp_policies])
+    print_ratio_table(times, memory, width=width, names=[n for n in times if n not in mlp_names])
     print("hypergrad tangent store kept between steps (not in the peak growth): " + ", ".join(
         f"{name.split()[-1]} {tangent_state_mib(p):.1f} MiB" for name, p in {**policies, **mlp_policies}.items()
         if isinstance(p, HypergradThreshold) and name.startswith("hypergrad")))
     print("\ncached-feature mode: MLPEmbedder(in_dim=512, hidden=[128, 128], dim=32) on 512-d vectors, vs mlp static:")
-    print_ratio_table(times, memory, width=width, baseline="mlp static", names=list(mlp_policies))
+    print_ratio_table(times, memory, width=width, baseline="mlp static", names=mlp_names)
+    k = len(HEAD_GRID)
+    for name, base in ((mlp_heads_name, "mlp static"), (mlp_shared_name, "mlp static"), (heads_name, "static")):
+        ratio = statistics.median(times[name]) / statistics.median(times[base])
+        print(f"the grid in one run: {name} = {ratio:.2f}x one {base} step = {ratio / k:.2f} of the {k} static "
+              f"steps it replaces")
     print("mlp hypergrad tangent store: " + ", ".join(
         f"{name.split()[-1]} {tangent_state_mib(p):.2f} MiB" for name, p in mlp_policies.items()
         if isinstance(p, HypergradThreshold)))

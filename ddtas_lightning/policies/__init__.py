@@ -8,10 +8,12 @@ from ddtas_lightning.policies.base import (
     similarities,
 )
 from ddtas_lightning.policies.hypergrad import HypergradThreshold
+from ddtas_lightning.policies.many_heads import ManyHeadsThreshold
 from ddtas_lightning.policies.meta import MetaThreshold
 from ddtas_lightning.policies.mmsi import MMSI
 from ddtas_lightning.policies.pair_weights import MetaPairWeights
 from ddtas_lightning.policies.static import StaticThreshold
+from ddtas_lightning.policies.target_rate import TargetRateThreshold
 from ddtas_lightning.policies.virtual_step import (
     FunctionalModel,
     MetaGradient,
@@ -26,12 +28,14 @@ __all__ = [
     "FunctionalModel",
     "HypergradThreshold",
     "MMSI",
+    "ManyHeadsThreshold",
     "MetaGradient",
     "MetaPairWeights",
     "MetaThreshold",
     "StaticThreshold",
     "StepBatch",
     "StepOutput",
+    "TargetRateThreshold",
     "ThresholdPolicy",
     "cotangent_meta_gradient",
     "embed_and_mine",
