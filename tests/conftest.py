@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Converted packaged weights (models/pretrained.py) go to a per-session folder, not the user's ~/.cache.
+os.environ.setdefault("DDTAS_WEIGHTS_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ddtas-weights-{os.getpid()}"))
 
 # A synthetic set small enough for a fast_dev_run in seconds: 6 train classes, of which the default
 # protocol (data.selection=val, val_fraction 0.25) holds 2 out for validation, so 4 train; 6 test classes.

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from ddtas_lightning.compare import main
+from ddtas_lightning.compare import load, main
 from ddtas_lightning.report.runs import find_sweep, group_arms, load_sweep
 from ddtas_lightning.report.summary import compare
 
@@ -35,7 +36,8 @@ def make_run(sweep: Path, num: int, arm: str, seed: int, *, r1: float | None, va
              wall: float = 10.0, cpu: float | None = None, policy: str = STATIC, miner: str = ASMS,
              lam: float = 0.7, margin: float = 0.1, lambdas: list[float] | None = None,
              selection: str = "val", dataset: str = "synthetic", per_query: list[float] | None = None,
-             overrides: list[str] | None = None) -> Path:
+             overrides: list[str] | None = None, loss: str = "SoftContrastiveLoss",
+             untrained: float | None = None) -> Path:
     """One job dir as train.py and Hydra leave it; ``r1=None``: a run that failed before metrics.json."""
     run = sweep / str(num)
     (run / ".hydra").mkdir(parents=True)
@@ -67,7 +69,9 @@ def make_run(sweep: Path, num: int, arm: str, seed: int, *, r1: float | None, va
                "compute": {"fit_cpu_s": wall if cpu is None else cpu, "fit_gpu_s": None,
                            "passes": {"train": {"forward_images": 800, "backward_images": 800}}},
                "choices": {"threshold_policy": policy.rsplit(".", 1)[-1], "miner": miner.rsplit(".", 1)[-1],
-                           "dataset": dataset, "backbone": "resnet18"}}
+                           "dataset": dataset, "backbone": "resnet18", "loss": loss}}
+    if untrained is not None:
+        metrics["untrained"] = {"untrained/R@1": untrained, "untrained/MAP@R": untrained / 4}
     (run / "metrics.json").write_text(json.dumps(metrics))
     if per_query is not None:
         np.savez(run / "per_query_test.npz", ids=np.arange(len(per_query)), **{
@@ -269,7 +273,7 @@ def test_generic_sweep_labels_arms_by_their_distinct_overrides(tmp_path):
     for num, (lam, seed) in enumerate([(0.3, 0), (0.3, 1), (0.5, 0), (0.5, 1)]):
         make_run(sweep, num, "x", seed, r1=0.3, lam=lam,
                  overrides=[f"loss.threshold={lam}", f"seed={seed}", "trainer.max_epochs=2"])
-    assert [a.label for a in group_arms(load_sweep(sweep))] == ["loss.threshold=0.3", "loss.threshold=0.5"]
+    assert [a.label for a in group_arms(load_sweep(sweep))] == ["threshold=0.3", "threshold=0.5"]
 
 
 @pytest.mark.parametrize(
@@ -326,3 +330,91 @@ def test_wandb_summary_run_logs_the_tables_and_plots_offline_in_the_sweeps_group
     assert [row[0] for row in tables["dynamic_vs_grid"]["data"]] == ["at_asms", "meta", "mmsi"]
     images = {p.name.split("_0_")[0] for p in run_dir.glob("files/media/images/plots/*.png")}
     assert {"quality_vs_compute", "val_vs_test", "r1_vs_threshold"} <= images
+
+
+def test_a_pruned_study_is_one_family_and_its_pruned_trials_compute_counts(tmp_path, capsys):
+    """hydra.sweeper.pruner: a pruned trial's metrics.json records its compute and validations but no test
+    metrics; the family counts its CPU seconds and never picks it (its validation R@1 is of a stopped run)."""
+    grid = make_sweep(tmp_path, failed=False)
+    sweep = make_optuna_sweep(tmp_path, 0, [(0.5, 0.30, 10.0), (0.6, 0.40, 10.0), (0.55, 0.5, 10.0)])
+    metrics_path = sweep / "1" / "metrics.json"
+    pruned = json.loads(metrics_path.read_text())
+    pruned.update(status="pruned", pruned={"at_validation": 1})
+    pruned.pop("test")
+    pruned["compute"]["fit_cpu_s"] = 4.0
+    metrics_path.write_text(json.dumps(pruned))
+    study = json.loads((sweep / "optuna.json").read_text())
+    study["sampler"] = "Grid"
+    study["trials"][1]["state"] = "PRUNED"
+    (sweep / "optuna.json").write_text(json.dumps(study))
+
+    _, _, (family,) = load([sweep])
+    assert [t.path.name for t in family.pruned] == ["1"] and family.name == "Grid + pruning"
+    # after trial 0: 10 s, best 0; trial 1 (pruned) adds 4 s, the best stays 0; trial 2: 24 s, best 2
+    assert [(spent, run.path.name) for spent, _, _, run in family.best_so_far()] == [(10.0, "0"), (14.0, "0"),
+                                                                                      (24.0, "2")]
+    assert main([str(grid), str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert ("Grid + pruning 2026-01-02_00-00-00 (seed 0): 3 trials (1 pruned), 24 CPU s; validation-best trial 2 "
+            "(λ 0.400") in out
+
+
+def test_arm_labels_are_the_distinguishing_overrides_abbreviated(tmp_path):
+    sweep = tmp_path / "sweep"
+    long_path = "backbone.checkpoint_path=/data/weights/resnet18_imagenet_v2.pth"
+    runs = [["loss.threshold=0.3", "miner.margin=0.1", long_path], ["loss.threshold=0.3", "miner.margin=0.2", long_path],
+            ["loss.threshold=0.3", "miner.margin=0.1", "threshold_policy.threshold=0.4"]]
+    for num, overrides in enumerate(runs):
+        make_run(sweep, num, "x", 0, r1=0.3, overrides=[*overrides, "seed=0"])
+    labels = [a.label for a in group_arms(load_sweep(sweep))]
+    # loss.threshold is common to all (dropped); keys lose their group; a long value is cut
+    assert labels == ["margin=0.1 checkpoint_path=/data/weights…", "margin=0.2 checkpoint_path=/data/weights…",
+                      "margin=0.1 threshold=0.4"], labels
+    # two varying keys with the same last part keep their groups
+    sweep2 = tmp_path / "sweep2"
+    for num, overrides in enumerate([["loss.threshold=0.3", "threshold_policy.threshold=0.4"],
+                                     ["loss.threshold=0.5", "threshold_policy.threshold=0.6"]]):
+        make_run(sweep2, num, "x", 0, r1=0.3, overrides=[*overrides, "seed=0"])
+    assert [a.label for a in group_arms(load_sweep(sweep2))] == [
+        "loss.threshold=0.3 threshold_policy.threshold=0.4", "loss.threshold=0.5 threshold_policy.threshold=0.6"]
+
+
+def test_a_dir_of_single_runs_is_not_a_sweep(tmp_path, capsys):
+    # `compare outputs/train`: single runs (hydra.mode RUN, dated dirs), each maybe another loss
+    outputs = tmp_path / "outputs" / "train"
+    for name, loss in (("2026-01-01_10-00-00-000001", "MultiSimilarityLoss"), ("2026-01-01_11-00-00-000002", "TripletMarginLoss")):
+        run = make_run(outputs, 0, "x", 0, r1=0.3, loss=loss)
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "RUN", "runtime": {"choices": {}}}}))
+        run.rename(outputs / name)
+    assert main([str(outputs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds single runs (2, e.g. 2026-01-01_10-00-00-000001), not a sweep" in err[0]
+    assert "multirun/<task_name>/<date>_<time>" in err[0] and "make sweep" in err[0]
+
+
+def test_runs_of_another_loss_are_left_out_not_made_grid_points(tmp_path, capsys):
+    sweep = make_sweep(tmp_path, failed=False)
+    make_run(sweep, 98, "nspa", 0, r1=0.95, val=0.99, lam=0.4, loss="TripletMarginLoss")  # would be the headline
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "98: not comparable: loss 'TripletMarginLoss' (the sweep's: 'SoftContrastiveLoss')" in out
+    assert "(headline): lambda_0.7:" in out
+
+
+def test_one_seed_reads_n_a_and_singular_without_scipy_warnings(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for num, (arm, lam, r1) in enumerate([("lambda_0.3", 0.3, 0.30), ("lambda_0.5", 0.5, 0.40), ("lambda_0.7", 0.7, 0.35)]):
+        make_run(sweep, num, arm, 0, r1=r1, val=0.5, lam=lam)  # one seed, every validation R@1 equal
+    make_run(sweep, 3, "meta", 0, r1=0.41, val=0.5, policy=META, lambdas=[0.7, 0.6, 0.6, 0.6, 0.6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's ConstantInputWarning (or any other) fails the test
+        assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "1 seeds" not in out and "(1 seed; picking costs 3 runs" in out and "paired over 1 seed vs" in out
+    from ddtas_lightning.report.plots import spearman_text
+
+    assert spearman_text([50.0, 50.0, 50.0, 50.0], [30.0, 40.0, 35.0, 41.0], seeds=1) == \
+        "n/a (1 seed, validation R@1 constant)"
+    assert spearman_text([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], seeds=3) == "= 0.50"

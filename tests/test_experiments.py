@@ -1,5 +1,5 @@
 """The paper recipes in conf/experiment: each composes with the real configs and resolves to the protocol
-of spec research/ddtas.md §4; ddtas_cub200 runs end to end (fast_dev_run) on a miniature CUB tree, with a
+of spec docs/papers/ddtas.md §4; ddtas_cub200 runs end to end (fast_dev_run) on a miniature CUB tree, with a
 tiny backbone and with the real BN-Inception."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ COVERED_ELSEWHERE = {
     "mmsi_protocol_synthetic": "tests/policies/test_mmsi_protocol.py",
     "dinov2_cub200": "tests/models/test_timm_backbones.py",
     "threshold_study": "tests/data/test_cached_features.py",
+    "threshold_study_pretrained": "tests/data/test_cached_features.py",
+    "stage_tail_lite0": "tests/data/test_cached_activations.py",
 }
 EXPERIMENTS = sorted(
     p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml") if p.stem not in COVERED_ELSEWHERE
@@ -173,7 +175,7 @@ def make_cub_tree(parent: Path, num_classes: int = 8, per_class: int = 4) -> Pat
 # 8 classes: 4 train (P = 4 of K = 2), 4 test; meta batch 2 classes x 2.
 MINI = [
     "data.batch_size=8", "data.K=2", "data.meta_batch_size=4", "data.meta_K=2", "data.num_workers=0",
-    "data.eval_batch_size=64", "dataset.recall_ks=[1,2]", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
+    "data.eval_batch_size=64", "dataset.recall_ks=[1,2]", "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
 ]
 
 

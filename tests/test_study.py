@@ -114,3 +114,43 @@ def test_a_directory_without_settings_is_one_error_line(tmp_path, capsys):
     (tmp_path / "s" / "grid").mkdir(parents=True)
     assert main([str(tmp_path)]) == 2
     assert "learned/ sweep" in capsys.readouterr().err
+
+
+def test_the_trained_model_is_compared_with_the_untrained_one_paired_by_seed(tmp_path):
+    # Raw features at 0.40 in every run; the validation pick (0.2 at each seed) tests 0.45 / 0.47 / 0.43.
+    from ddtas_lightning.report.study import report, trained_vs_untrained
+
+    for lam, tests, vals in ((-0.2, [0.44, 0.44, 0.44], [0.1] * 3), (0.2, [0.45, 0.47, 0.43], [0.3] * 3)):
+        for seed in range(3):
+            make_run(tmp_path / "real_1000" / "grid", seed + (3 if lam > 0 else 0), "study/static", seed,
+                     r1=tests[seed], val=vals[seed], lam=lam, cpu=10.0, untrained=0.40,
+                     overrides=_overrides("static", lam, seed))
+    make_run(tmp_path / "real_1000" / "learned", 0, "study/hg", 0, r1=0.4, lam=-0.2, policy=HYPER,
+             overrides=_overrides("hg", -0.2, 0))
+    (setting,) = settings(tmp_path)
+    interval, raw = trained_vs_untrained(setting.comparison)
+    diffs = [0.05, 0.07, 0.03]
+    half = sps.t.ppf(0.975, 2) * sps.tstd(diffs) / math.sqrt(3)
+    assert raw == pytest.approx(0.40)
+    assert interval.mean == pytest.approx(0.05) and interval.low == pytest.approx(0.05 - half)
+    assert "trained (the grid chosen on validation) − untrained model (test R@1 40.0" in report([setting])
+    assert "beats it" in report([setting])
+
+
+def test_vs_untrained_pairs_each_run_with_its_own_untrained_metrics(tmp_path, capsys):
+    from ddtas_lightning.report.vs_untrained import main as vs_main
+    from ddtas_lightning.report.vs_untrained import versus_untrained
+
+    for seed, (test, raw) in enumerate([(0.60, 0.40), (0.64, 0.42), (0.62, 0.44)]):
+        make_run(tmp_path / "ft", seed, "ft", seed, r1=test, untrained=raw, overrides=[f"seed={seed}"])
+    make_run(tmp_path / "ft", 3, "ft", 3, r1=0.9, overrides=["seed=3"])  # no untrained metrics: left out
+    found = versus_untrained(tmp_path / "ft")
+    diffs = [0.20, 0.22, 0.18]
+    half = sps.t.ppf(0.975, 2) * sps.tstd(diffs) / math.sqrt(3)
+    assert (found.runs, found.left_out) == (3, 1)
+    assert found.untrained["R@1"] == pytest.approx(0.42) and found.trained["R@1"] == pytest.approx(0.62)
+    assert found.delta["R@1"].low == pytest.approx(0.20 - half)
+    assert found.delta["MAP@R"].mean == pytest.approx(0.05)  # make_run's MAP@R is R@1 / 4
+    assert vs_main([str(tmp_path / "ft")]) == 0 and "+20.0" in capsys.readouterr().out
+    make_run(tmp_path / "none", 0, "ft", 0, r1=0.5)
+    assert vs_main([str(tmp_path / "none")]) == 2 and "evaluate_before_training" in capsys.readouterr().err

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from ddtas_lightning.data.image_dataset import IMAGE_EXTENSIONS, read_lines
+from ddtas_lightning.data.image_dataset import IMAGE_EXTENSIONS, WHITE, parse_background, read_lines
 from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,15 @@ SPLIT_FILE_FORMATS = (
 )
 
 
+def _joined_surrogates(name: str) -> str:
+    """A class name with UTF-16 surrogate pairs (a YAML ``"\ud83d\udc26"``) joined into the character they
+    encode (``🐦``), as the folder name on disk has it; other text unchanged."""
+    try:
+        return name.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:  # a lone surrogate: left as written (it then matches no folder)
+        return name
+
+
 class Folder(DatasetSource):
     """Images in ``root/<class>/...``, split class-disjointly.
 
@@ -27,13 +37,19 @@ class Folder(DatasetSource):
 
     Args:
         root: the folder of class folders.
-        split: ``"sorted_half"`` (the first half of the sorted class names train, the rest test), a float
+        split: ``"sorted_half"`` (the first half of the sorted class names train, the rest test),
+            ``"interleaved"`` (every other class in sorted order: positions 0, 2, 4, ... train, 1, 3, 5, ...
+            test; for trees whose sorted names run through blocks, e.g. emoji or CJK codepoints, where a
+            half would put one block in train and another in test), a float
             fraction in (0, 1) (the first ``round(fraction * C)`` classes train), or the path of a split
             file: a YAML/JSON mapping ``{train: [...], test: [...]}`` of class names, or a text file with
             one ``<train|test> <class name>`` per line. Classes named in neither side of a split file
             are left out (with a warning); relative paths are tried against the working directory, then
             ``root``.
         extensions: image file suffixes (case-insensitive); other files are ignored.
+        background: the colour transparent pixels are composited onto when read (``white``, ``black``,
+            ``grey``, ``"#rrggbb"``, a grey level, ``[r, g, b]``; ``null`` drops the alpha channel); read by
+            the data module (:func:`~ddtas_lightning.data.image_dataset.parse_background`).
 
     Checked: root exists and has class folders, no class folder is empty, a split file parses, names
     only existing classes, no class on both sides, and leaves both sides non-empty.
@@ -42,8 +58,9 @@ class Folder(DatasetSource):
     expected_counts: dict[str, int] = {}  # no published counts for an arbitrary tree
 
     def __init__(self, root: str | Path, split: str | float = "sorted_half",
-                 extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> None:
+                 extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS, background=WHITE) -> None:
         self.root = Path(root).expanduser()
+        self.background = parse_background(background, "dataset.source.background")
         self.split = split
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.class_names: dict[int, str] = {}
@@ -75,7 +92,7 @@ class Folder(DatasetSource):
     def _fraction(self) -> float | None:
         s = self.split
         if isinstance(s, bool):
-            raise ValueError(f"split must be 'sorted_half', a fraction or a split file, got {s!r}")
+            raise ValueError(f"split must be 'sorted_half', 'interleaved', a fraction or a split file, got {s!r}")
         if isinstance(s, int | float):
             return float(s)
         if s == "sorted_half":
@@ -91,15 +108,18 @@ class Folder(DatasetSource):
             if cand.is_file():
                 return cand
         raise DatasetLayoutError(f"split file {p} does not exist (also tried {self.root / p}); expected "
-                                 f"'sorted_half', a fraction in (0, 1), or {SPLIT_FILE_FORMATS}")
+                                 f"'sorted_half', 'interleaved', a fraction in (0, 1), or {SPLIT_FILE_FORMATS}")
 
     def _read_split_file(self, path: Path) -> dict[str, list[str]]:
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
             import yaml
 
             try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                text = path.read_text(encoding="utf-8")
+                # JSON by its own parser: YAML reads "\ud83d\udc26" (an emoji written as its UTF-16 surrogate
+                # pair, as json.dumps does by default) as two lone surrogates that match no folder name
+                data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DatasetLayoutError(f"cannot parse split file {path}: {e}; expected "
                                          f"{SPLIT_FILE_FORMATS}") from None
             if not isinstance(data, dict) or set(data) - {"train", "test"} or not all(
@@ -107,7 +127,7 @@ class Folder(DatasetSource):
             ):
                 raise DatasetLayoutError(f"split file {path} is not a mapping of 'train'/'test' to lists of "
                                          f"class names; expected {SPLIT_FILE_FORMATS}")
-            return {k: [str(c) for c in data.get(k) or []] for k in ("train", "test")}
+            return {k: [_joined_surrogates(str(c)) for c in data.get(k) or []] for k in ("train", "test")}
         out: dict[str, list[str]] = {"train": [], "test": []}
         for n, line in enumerate(read_lines(path, SPLIT_FILE_FORMATS), start=1):
             parts = line.split(maxsplit=1)
@@ -123,8 +143,13 @@ class Folder(DatasetSource):
         paths, ys = self._scan()
         paths = distinct_images(paths, ys, self.root)  # a symlinked folder must not relabel images
         ids = {name: cid for cid, name in self.class_names.items()}
-        frac = self._fraction()
-        if frac is not None:
+        frac = None if self.split == "interleaved" else self._fraction()
+        if self.split == "interleaved":
+            if len(ids) < 2:
+                raise DatasetLayoutError(f"split='interleaved' needs at least 2 class folders in {self.root}, "
+                                         f"found {len(ids)}")
+            train = {cid for cid in ids.values() if cid % 2 == 0}
+        elif frac is not None:
             n_train = round(frac * len(ids))
             if not 0 < n_train < len(ids):
                 raise DatasetLayoutError(f"split={self.split!r} puts {n_train} of the {len(ids)} classes in "

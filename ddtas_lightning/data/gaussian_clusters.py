@@ -1,7 +1,7 @@
 """NSPA's synthetic data: isotropic Gaussian clusters in R^32, generated in memory from a seed (no files).
 
 Kertész, "Deep Metric Learning Using Negative Sampling Probability Annealing", Sensors 2022 (spec
-research/nspa.md §2.1; the author's ``notebooks/dataset-generation.ipynb``): ``k = 7`` classes of
+docs/papers/nspa.md §2.1; the author's ``notebooks/dataset-generation.ipynb``): ``k = 7`` classes of
 ``n = 1100`` points in ``d = 32`` dimensions, class centres ``c_i ~ U[0, 1]^d`` and points
 ``x = c_i - sigma * eps`` with ``eps ~ N(0, I_d)``, ``sigma = 0.2``. Splits: train = classes 0-4 x samples
 0-999, val = classes 0-4 x samples 1000-1099 (the author's validation set), test = classes 5-6 x all
@@ -42,12 +42,43 @@ def gaussian_clusters(
     return points.astype(np.float32)
 
 
-class VectorDataset(Dataset):
+class RowDataset(Dataset):
+    """``dataset[i] -> (row i, through ``transform`` if given, label, i)`` over ``num_rows`` rows with one
+    label each; subclasses say how row ``i`` is read (:meth:`_row`) and what a row is called (``noun``, for
+    the length-mismatch error). Attributes as ImageDataset: ``labels`` (LongTensor), ``paths``, ``is_query``
+    / ``is_gallery`` (all True: every row is a query and a gallery item)."""
+
+    noun = "rows"
+
+    def __init__(self, num_rows: int, labels, paths, transform=None) -> None:
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if num_rows != len(self.labels):
+            raise ValueError(f"{num_rows} {self.noun} but {len(self.labels)} labels")
+        self.paths = list(paths)
+        self.is_query = torch.ones(len(self.labels), dtype=torch.bool)
+        self.is_gallery = torch.ones(len(self.labels), dtype=torch.bool)
+        self.transform = transform
+
+    def _row(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        i = int(i)
+        x = self._row(i)
+        return (self.transform(x) if self.transform is not None else x), int(self.labels[i]), i
+
+
+class VectorDataset(RowDataset):
     """``dataset[i] -> (vector, label, i)``, the vector counterpart of :class:`ImageDataset`.
 
     Attributes as ImageDataset: ``labels`` (LongTensor), ``paths`` (point identifiers), ``is_query`` /
     ``is_gallery`` (all True: every point is a query and a gallery item).
     """
+
+    noun = "vectors"
 
     def __init__(
         self,
@@ -57,21 +88,13 @@ class VectorDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.vectors = torch.as_tensor(vectors, dtype=torch.float32)
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        if len(self.vectors) != len(self.labels):
-            raise ValueError(f"{len(self.vectors)} vectors but {len(self.labels)} labels")
-        self.paths = list(paths) if paths is not None else [Path(str(i)) for i in range(len(self.labels))]
-        self.is_query = torch.ones(len(self.labels), dtype=torch.bool)
-        self.is_gallery = torch.ones(len(self.labels), dtype=torch.bool)
-        self.transform = transform
+        labels = list(labels)
+        if paths is None:
+            paths = [Path(str(i)) for i in range(len(labels))]
+        super().__init__(len(self.vectors), labels, paths, transform)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        i = int(i)
-        x = self.vectors[i]
-        return (self.transform(x) if self.transform is not None else x), int(self.labels[i]), i
+    def _row(self, i: int) -> torch.Tensor:
+        return self.vectors[i]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} vectors of dim {self.vectors.shape[1]})"
@@ -177,4 +200,4 @@ class IdentityTransform(TransformPair):
         self.train = self.test = as_tensor
 
 
-__all__ = ["GaussianClusters", "IdentityTransform", "VectorDataset", "as_tensor", "gaussian_clusters"]
+__all__ = ["GaussianClusters", "IdentityTransform", "RowDataset", "VectorDataset", "as_tensor", "gaussian_clusters"]

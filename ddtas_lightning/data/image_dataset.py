@@ -35,12 +35,41 @@ BAD_IMAGE_MODES = ("fail", "skip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully decoded and converted to 8-bit RGB by :func:`to_rgb8` (raises on
-    missing, corrupt or truncated files)."""
+WHITE = (255, 255, 255)
+BACKGROUND_NAMES = {"white": WHITE, "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+
+
+def parse_background(value, key: str = "dataset.source.background") -> tuple[int, int, int] | None:
+    """The colour transparent pixels are composited onto: ``white`` / ``black`` / ``grey``, ``"#rrggbb"``,
+    a grey level 0-255 or ``[r, g, b]``; ``None`` (YAML ``null``) drops the alpha channel instead (what
+    every image got before this option: transparent pixels show whatever colour they store, often black)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in BACKGROUND_NAMES:
+            return BACKGROUND_NAMES[v]
+        if len(v) == 7 and v[0] == "#":
+            try:
+                return (int(v[1:3], 16), int(v[3:5], 16), int(v[5:7], 16))
+            except ValueError:
+                pass
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+        return (value, value, value)
+    elif not isinstance(value, bool | float) and hasattr(value, "__iter__"):
+        rgb = list(value)
+        if len(rgb) == 3 and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in rgb):
+            return (rgb[0], rgb[1], rgb[2])
+    raise ConfigError(f"{key} must be white, black, grey, '#rrggbb', a grey level 0-255, [r, g, b] with "
+                      f"values 0-255, or null (drop the alpha channel), got {value!r}")
+
+
+def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
+    """Open an image file fully decoded and converted to 8-bit RGB by :func:`to_rgb8`, transparency
+    composited onto ``background`` (raises on missing, corrupt or truncated files)."""
     with Image.open(path) as im:
         im.load()
-        return to_rgb8(im)
+        return to_rgb8(im, background)
 
 
 # Integer modes wider than 8 bits: PIL's convert("RGB") clips them to 255 (a 16-bit PNG came out 99.6%
@@ -48,20 +77,42 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def to_rgb8(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB, scaling rather than clipping wider modes:
+def has_alpha(im: Image.Image) -> bool:
+    """An alpha channel (RGBA, LA, PA, RGBa, La) or a transparent palette entry / colour key (tRNS)."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        "transparency" in im.info and im.mode in ("P", "L", "RGB", "1"))
+
+
+def composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``im`` over an opaque ``background``: ``round(c * a / 255 + b * (1 - a / 255))`` per channel, in float
+    arithmetic (red at alpha 128 over white: (255, 127, 127); PIL's own integer compositing rounds otherwise)."""
+    import numpy as np
+
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+    a = rgba[..., 3:4] / np.float32(255.0)
+    out = rgba[..., :3] * a + np.asarray(background, dtype=np.float32) * (np.float32(1.0) - a)
+    return Image.fromarray(np.rint(out).astype(np.uint8), "RGB")
+
+
+def to_rgb8(im: Image.Image, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, transparency composited onto ``background`` (see :func:`has_alpha`;
+    ``None`` drops the alpha channel instead), scaling rather than clipping wider modes:
 
     - ``I;16*`` (16-bit grey) and ``I`` (32-bit integer; what 16-bit PNGs and TIFFs decode to) are read as
       0..65535 (clipped there) and mapped with ``round(v * 255 / 65535)``;
     - ``F`` (32-bit float) is read as 0..1 when every value lies in [0, 1], else as 0..255 (clipped);
       NaN becomes 0;
     - ``CMYK``: ``R = 255 (1 - C/255)(1 - K/255)`` (likewise G with M, B with Y);
-    - palette images with transparency go through RGBA; alpha (``RGBA``, ``LA``, ``PA``) is dropped;
+    - ``RGBA``, ``LA``, ``PA``, palette images with a transparent entry and ``L`` / ``RGB`` with a
+      transparent colour key: composited (:func:`composite`); with ``background=None`` the alpha is
+      dropped (palette images with transparency go through RGBA);
       other 8-bit modes (``1``, ``L``, ``P``, ``YCbCr``, ``LAB``, ``HSV``, ...) use PIL's conversion.
     """
     import numpy as np
 
     mode = im.mode
+    if background is not None and has_alpha(im):
+        return composite(im, background)
     if mode == "RGB":
         return im
     if mode in SIXTEEN_BIT_MODES or mode == "I":
@@ -96,6 +147,7 @@ class ImageDataset(Dataset):
         records: the split (paths, raw class ids, optional query/gallery flags).
         transform: PIL RGB image -> tensor; ``None`` gives a float (3, H, W) tensor in [0, 1].
         on_bad_image: ``"fail"`` or ``"skip"`` (see the module docstring).
+        background: RGB colour that transparent pixels are composited onto (white); ``None`` drops alpha.
 
     Attributes:
         paths: list of image paths. labels: LongTensor of raw class ids.
@@ -107,8 +159,10 @@ class ImageDataset(Dataset):
         records: SplitRecords,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         on_bad_image: str = "fail",
+        background: tuple[int, int, int] | None = WHITE,
     ) -> None:
         check_choice("on_bad_image", on_bad_image, BAD_IMAGE_MODES)
+        self.background = background
         self.records = records
         self.paths = list(records.paths)
         self.labels = torch.as_tensor(list(records.labels), dtype=torch.long)
@@ -148,7 +202,7 @@ class ImageDataset(Dataset):
 
     def _try_open(self, i: int) -> tuple[Image.Image | None, str]:
         try:
-            return open_rgb(self.paths[i]), ""
+            return open_rgb(self.paths[i], self.background), ""
         except FileNotFoundError:
             return None, "file not found"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -10,8 +10,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddtas_lightning.config.validation import ConfigError, check_choice
+from ddtas_lightning.models.head_init import HEAD_INITS, init_head
 
 POOLINGS = ("avg", "max", "avg+max")
+
+
+def _refuse_unsafe_weights(path: Path) -> None:
+    """A weights file that needs a full unpickler is refused before timm opens it (timm loads weights-only
+    too, with its own message); other load failures are left to timm's load, whose error names the
+    architecture (docs/security.md)."""
+    from ddtas_lightning.runtime.safe_load import UnsafeFileError, check_weights_file
+
+    try:
+        check_weights_file(path, what="backbone.checkpoint_path",
+                           expected="a .pth/.safetensors state dict for the timm model")
+    except UnsafeFileError:
+        raise
+    except ConfigError:
+        pass
 
 
 class Embedder(nn.Module):
@@ -34,9 +50,11 @@ class Embedder(nn.Module):
         checkpoint_path: str | None = None,
         freeze_bn: bool = False,
         normalize: bool = True,
+        head_init: str = "default",
         **timm_kwargs,
     ) -> None:
         super().__init__()
+        check_choice("backbone.head_init", head_init, HEAD_INITS)
         if dim <= 0:
             raise ValueError(f"backbone.dim must be a positive integer, got {dim}")
         check_choice("backbone.pooling", pooling, POOLINGS)
@@ -52,6 +70,7 @@ class Embedder(nn.Module):
                     f"backbone.checkpoint_path: weights file {path} does not exist "
                     "(expected a local .pth/.safetensors state dict for the timm model)"
                 )
+            _refuse_unsafe_weights(path)
             create_kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         else:
             create_kwargs.update(pretrained=pretrained)
@@ -79,6 +98,8 @@ class Embedder(nn.Module):
         self.freeze_bn = freeze_bn
         self.normalize = normalize
         self.head = nn.Linear(self.backbone.num_features, dim)
+        self.head_init = head_init
+        init_head(self.head, head_init)
         self.dim = dim
         # Apply freeze_bn now: Lightning >= 2.2 never calls .train() when fitting starts (it only
         # restores each submodule's captured mode after evaluation), so train() alone would leave BN in

@@ -1,6 +1,6 @@
 """MLPEmbedder: vectors -> fully connected layers -> L2-normalised embeddings (the synthetic-data backbone).
 
-The NSPA author's network for the synthetic Gaussian clusters was not recovered (spec research/nspa.md
+The NSPA author's network for the synthetic Gaussian clusters was not recovered (spec docs/papers/nspa.md
 §2.1, §5.9: "a small MLP"); this one is Linear -> ReLU blocks and a linear head, with the embeddings
 L2-normalised like :class:`~ddtas_lightning.models.Embedder`'s (the miners and losses read the cosine
 similarity of unit vectors).
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddtas_lightning.models.head_init import HEAD_INITS, init_head
+
 
 class MLPEmbedder(nn.Module):
     """``in_dim`` features (the input is flattened) -> hidden layers -> ``dim``-d embedding.
@@ -22,6 +24,10 @@ class MLPEmbedder(nn.Module):
     relu_output: a ReLU on the embedding (the NSPA author's ``Dense(encodings_len, relu)`` head; with
     ``normalize=False`` the embeddings are raw non-negative vectors, the paper's setting).
     model_name: only a label (train.py records ``backbone.model_name`` in metrics.json).
+    init: ``"default"`` (PyTorch's initialisation) or ``"identity"`` (no hidden layers, ``dim == in_dim``:
+    the head starts as the identity map, so the untrained model *is* its input features; on a pretrained
+    backbone's cached features training then starts at them, and the run's untrained evaluation is the
+    raw-feature baseline it must beat, paired by seed).
     """
 
     def __init__(
@@ -33,6 +39,7 @@ class MLPEmbedder(nn.Module):
         normalize: bool = True,
         model_name: str = "mlp",
         relu_output: bool = False,
+        init: str = "default",
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
@@ -51,6 +58,11 @@ class MLPEmbedder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, int(dim))
         self.relu_output = bool(relu_output)
+        if init not in HEAD_INITS:
+            raise ValueError(f"backbone.init must be one of {', '.join(HEAD_INITS)}; got {init!r}")
+        if init == "identity" and hidden:
+            raise ValueError(f"backbone.init=identity needs backbone.hidden=[], got {hidden}")
+        init_head(self.head, init)
         self.in_dim, self.dim, self.normalize, self.model_name = (
             int(in_dim),
             int(dim),

@@ -25,9 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddtas_lightning.report.runs import Arm, Run, SweepError, load_sweep, run_dirs
+from ddtas_lightning.report.kinds import class_name
+from ddtas_lightning.report.runs import Arm, Run, SweepError, _select, load_sweep, run_dirs
 from ddtas_lightning.report.stats import Interval, t_interval
 from ddtas_lightning.report.summary import Comparison, compare
+from ddtas_lightning.runtime.atomic_output import describe_os_error, staged_outputs
 
 TARGET_GAP = 0.005          # 0.5 R@1 points (metrics are fractions)
 TARGET_COMPUTE = 0.25       # of the grid's CPU seconds (one seed)
@@ -42,9 +44,16 @@ def _override(run: Run, key: str) -> str | None:
     return None
 
 
+# Policies whose arm has no start (threshold_policy=many_heads: the whole grid in one run, issue 23)
+NO_START = frozenset({"ManyHeadsThreshold"})
+
+
 def arm_label(run: Run) -> str:
-    """``λ 0.2`` for a grid point; ``hg_nca_heldout from 0.8`` for a learned arm (start = loss.threshold)."""
+    """``λ 0.2`` for a grid point; ``hg_nca_heldout from 0.8`` for a learned arm (start = loss.threshold);
+    the arm alone (``many_heads``) for an arm without a start."""
     arm = (_override(run, "arm") or "?").removeprefix("study/")
+    if class_name(run.policy_target) in NO_START:
+        return arm
     start = run.loss_threshold
     start_s = "?" if start is None else f"{start:g}"
     return f"λ {start_s}" if arm == "static" else f"{arm} from {start_s}"
@@ -93,7 +102,24 @@ def load_setting(path: Path) -> Setting:
             raise SweepError(f"{sweep}: holds no runs (make study writes them)")
         runs += load_sweep(sweep)
     c = compare(path, group(runs))
+    for a in c.arms:  # many heads: which grid lambda the validation chose, per seed (not a start -> end)
+        if class_name(a.arm.first.policy_target) in NO_START:
+            a.thresholds = describe_heads(a.arm)
     return Setting(path.name, c, *grid_spread(c))
+
+
+def describe_heads(arm: Arm) -> str:
+    """``6 heads λ -0.2…0.8, chose λ 0.2 x7, 0.4 x5`` (the validation's choice over the seeds)."""
+    runs = arm.ok_runs or arm.runs
+    grid = _select(runs[0].config, "threshold_policy.thresholds") or []
+    chosen = [r.metrics.get("val_at_best", {}).get("val/selected_lambda") for r in arm.ok_runs]
+    counts: dict[float, int] = {}
+    for lam in chosen:
+        if lam is not None:
+            counts[round(float(lam), 6)] = counts.get(round(float(lam), 6), 0) + 1
+    span = f"{len(grid)} heads λ {min(grid):g}…{max(grid):g}" if grid else "heads"
+    picks = ", ".join(f"{lam:g} x{n}" for lam, n in sorted(counts.items()))
+    return f"{span}, chose λ {picks}" if picks else span
 
 
 def settings(study: Path) -> list[Setting]:
@@ -118,6 +144,22 @@ def _pp(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:+.1f}"
 
 
+def trained_vs_untrained(c: Comparison) -> tuple[Interval, float] | None:
+    """The grid chosen on validation minus the untrained model, test R@1 paired by seed, and the untrained
+    model's mean: with a head that starts as the identity (experiment=threshold_study_pretrained) the untrained
+    model is the raw pretrained features, the baseline training must beat. None without untrained metrics."""
+    head = c.headline
+    pairs = []
+    for run in (head.by_seed.values() if head is not None else ()):
+        m = run.metrics or {}
+        untrained = (m.get("untrained") or {}).get("untrained/R@1")
+        if untrained is not None and (m.get("test") or {}).get("test/R@1") is not None:
+            pairs.append((m["test"]["test/R@1"], untrained))
+    if not pairs:
+        return None
+    return t_interval([t - u for t, u in pairs]), sum(u for _, u in pairs) / len(pairs)
+
+
 def setting_table(s: Setting) -> list[str]:
     c = s.comparison
     head = c.headline
@@ -134,6 +176,7 @@ def setting_table(s: Setting) -> list[str]:
            "nothing**"),
         f"- oracle (test-chosen, optimistic): {c.oracle.label() if c.oracle else 'n/a'} "
         f"{c.oracle.metric('R@1').fmt(100) if c.oracle else ''}",
+        *_untrained_line(c),
         "",
         "| arm | seeds | test R@1 | λ start→end | ΔR@1 vs grid [95% t] | ± | verdict | CPU s | grid/arm | target |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -149,6 +192,17 @@ def setting_table(s: Setting) -> list[str]:
             f"[{_pp(v.r1.low)}, {_pp(v.r1.high)}] | {100 * v.r1.half_width:.1f} | {v.verdict} | "
             f"{a.cpu.fmt(digits=1)} | {v.compute_ratio:.1f}x | {meets_target(v)} |")
     return lines + [""]
+
+
+def _untrained_line(c: Comparison) -> list[str]:
+    found = trained_vs_untrained(c)
+    if found is None:
+        return []
+    d, raw = found
+    beats = "beats it" if d.low > 0 else ("worse" if d.high < 0 else "not distinguishable from it")
+    return [f"- trained (the grid chosen on validation) − untrained model (test R@1 {100 * raw:.1f}; the raw "
+            f"pretrained features where the head starts as the identity), paired 95% t: {_pp(d.mean)} "
+            f"[{_pp(d.low)}, {_pp(d.high)}]: {beats}"]
 
 
 def ablation_table(all_settings: list[Setting]) -> list[str]:
@@ -231,22 +285,33 @@ def report(all_settings: list[Setting]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(found: list[Setting], out: Path) -> str:
+    """``report.md`` and ``lambda_<setting>.png`` into ``out``, staged and moved into place together (a full or
+    read-only disk leaves no 0-byte report.md: runtime/atomic_output.py); returns the report's text."""
+    text = report(found)
+    try:
+        with staged_outputs(out, last=("report.md",)) as staging:
+            (staging / "report.md").write_text(text)
+            for s in found:
+                plot_lambda(s, staging / f"lambda_{s.name}.png")
+    except OSError as exc:
+        raise SweepError(f"--out {out}: cannot write the report there ({describe_os_error(exc)}); nothing was kept. "
+                         "Free space or choose a writable directory") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddtas_lightning.study", description=__doc__.split("\n")[0])
     parser.add_argument("study", type=Path, help="a study dir (multirun/threshold_study/<date>_<time>)")
     parser.add_argument("--out", type=Path, default=None, help="default <study>/report")
     args = parser.parse_args(argv)
+    out = args.out or args.study / "report"
     try:
         found = settings(args.study)
+        text = write_report(found, out)
     except (SweepError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or args.study / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    text = report(found)
-    (out / "report.md").write_text(text)
-    for s in found:
-        plot_lambda(s, out / f"lambda_{s.name}.png")
     print(text)
     print(f"written: {out}/report.md, lambda_*.png")
     return 0
@@ -256,4 +321,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Setting", "ablation_table", "arm_label", "grid_spread", "main", "meets_target", "settings"]
+__all__ = ["Setting", "ablation_table", "arm_label", "grid_spread", "main", "meets_target", "settings", "write_report"]

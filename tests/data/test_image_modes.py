@@ -12,10 +12,10 @@ from ddtas_lightning.data.image_dataset import open_rgb
 RNG = np.random.default_rng(0)
 
 
-def roundtrip(tmp_path, im: Image.Image, suffix: str) -> np.ndarray:
+def roundtrip(tmp_path, im: Image.Image, suffix: str, **kw) -> np.ndarray:
     path = tmp_path / f"img{suffix}"
     im.save(path)
-    out = open_rgb(path)
+    out = open_rgb(path, **kw)
     assert out.mode == "RGB" and out.size == im.size
     return np.asarray(out)
 
@@ -58,7 +58,8 @@ def test_cmyk(tmp_path):
 
 def test_grey_with_alpha_drops_the_alpha(tmp_path):
     v = RNG.integers(0, 256, size=(5, 6, 2)).astype(np.uint8)
-    got = roundtrip(tmp_path, Image.frombytes("LA", (6, 5), v.tobytes()), ".png")
+    # background=None: the alpha is dropped (the default composites it onto white: tests/data/test_alpha.py)
+    got = roundtrip(tmp_path, Image.frombytes("LA", (6, 5), v.tobytes()), ".png", background=None)
     np.testing.assert_array_equal(got, grey(v[..., 0]))
 
 
@@ -78,5 +79,5 @@ def test_palette(tmp_path, transparency):
 def test_eight_bit_modes_are_unchanged(tmp_path, mode):
     v = RNG.integers(0, 256, size=(4, 5, 4)).astype(np.uint8)
     im = Image.frombytes("RGBA", (5, 4), v.tobytes()).convert(mode)
-    got = roundtrip(tmp_path, im, ".png")
+    got = roundtrip(tmp_path, im, ".png", background=None)  # RGBA: alpha dropped (composite: test_alpha.py)
     np.testing.assert_array_equal(got, np.asarray(im.convert("RGB")))

@@ -54,3 +54,17 @@ def test_bad_arguments_name_the_key(kwargs, message):
     args = dict(model_name="resnet10t", dim=8) | kwargs
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         Embedder(**args)
+
+
+def test_identity_head_init_makes_the_untrained_embedder_the_pooled_features():
+    from ddtas_lightning.models.embedder import Embedder
+
+    model = Embedder("resnet10t", dim=512, head_init="identity").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.backbone.forward_features(images).mean(dim=(2, 3))
+        assert torch.allclose(model(images), torch.nn.functional.normalize(pooled, dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="head_init=identity needs backbone.dim"):
+        Embedder("resnet10t", dim=16, head_init="identity")
+    with pytest.raises(Exception, match="head_init"):
+        Embedder("resnet10t", dim=16, head_init="eye")

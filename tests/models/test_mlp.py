@@ -47,3 +47,18 @@ def test_config_reads_the_dataset_dimension():
     cfg.dataset = {"source": {"dim": 7}}
     model = instantiate(cfg.backbone)
     assert model.in_dim == 7 and model(torch.randn(2, 7)).shape == (2, cfg.backbone.dim)
+
+
+def test_identity_init_returns_the_normalised_input():
+    x = torch.randn(5, 6)
+    model = MLPEmbedder(in_dim=6, dim=6, hidden=[], init="identity")
+    assert torch.allclose(model(x), torch.nn.functional.normalize(x, dim=1), atol=1e-6)
+    unnormalised = MLPEmbedder(in_dim=6, dim=6, hidden=[], init="identity", normalize=False)
+    assert torch.equal(unnormalised(x), x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(hidden=[4]), dict(dim=3), dict(init="orthogonal")])
+def test_identity_init_refuses_what_cannot_be_the_identity(kwargs):
+    args = dict(in_dim=6, dim=6, hidden=[], init="identity") | kwargs
+    with pytest.raises(ValueError, match="init"):
+        MLPEmbedder(**args)

@@ -40,7 +40,7 @@ def test_checkpoint_path_loads_a_local_weights_file(tmp_path, one_thread):
 
 def test_dinov2_trains_a_few_steps_through_train(tiny_cfg, one_thread):
     cfg = tiny_cfg("backbone=timm", "transform=timm", "backbone.model_name=vit_small_patch14_dinov2",
-                   "+backbone.img_size=28", "backbone.dim=16", "+trainer.max_steps=2", "trainer.max_epochs=1",
+                   "+backbone.img_size=28", "backbone.dim=16", "trainer.max_steps=2", "trainer.max_epochs=1",
                    "trainer.accelerator=cpu", "evaluate_before_training=false", "trainer.check_val_every_n_epoch=1")
     assert cfg.transform.image_size == 28  # transform=timm follows the ViT's input size
     train(cfg)
