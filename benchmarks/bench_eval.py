@@ -79,7 +79,7 @@ def worker(method: str, data: str, nmi_niter: int) -> None:
 
     torch.set_num_threads(int(THREADS))
     faiss.omp_set_num_threads(int(THREADS))
-    z = np.load(data)
+    z = np.load(data, allow_pickle=False)
     emb, labels = torch.from_numpy(z["emb"]), torch.from_numpy(z["labels"])
     if method in ("pml", "nmi-pml"):
         import logging

@@ -38,7 +38,8 @@ def run_evaluation(trainer: pl.Trainer, module, datamodule, *, split: str = "tes
         datamodule.test_set = datamodule.val_set
     module.keep_test_outputs, module.test_prefix = True, prefix
     try:
-        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False,
+                               weights_only=True)[0]  # tensors and plain values only (docs/security.md)
         items = module.test_outputs
     finally:
         module.keep_test_outputs, module.test_outputs, module.test_prefix = False, None, "test"

@@ -14,9 +14,11 @@ shown in the doc) must itself match its regex, so the doc cannot show a message 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,10 +40,14 @@ from ddtas_lightning.data.inshop import InShop
 from ddtas_lightning.data.records import DatasetLayoutError, SplitRecords
 from ddtas_lightning.data.sop import SOP
 from ddtas_lightning.data.synthetic import Synthetic
+from ddtas_lightning.evaluate import EvaluationStopped
 from ddtas_lightning.miners.selection import PairSelection
+from ddtas_lightning.module import NonFiniteLossError
+from ddtas_lightning.report.runs import SweepError
 from ddtas_lightning.runtime.builder import build
 from ddtas_lightning.runtime.errors import exit_code_for
 from ddtas_lightning.runtime.errors import root_cause as _root_cause
+from ddtas_lightning.runtime.safe_load import UnsafeFileError
 from ddtas_lightning.runtime.training import resolve_ckpt, train
 from tests.conftest import CONF_DIR, TINY_DATA, compose_train
 from tests.data.conftest import cars_annos, corrupt, write_image
@@ -287,7 +293,7 @@ def read_only_run_dir(ctx: SimpleNamespace) -> object:
     import errno
     from unittest import mock
 
-    from ddtas_lightning import run_dir
+    from ddtas_lightning.runtime import run_dir
 
     erofs = OSError(errno.EROFS, os.strerror(errno.EROFS))
     with mock.patch.object(run_dir.tempfile, "NamedTemporaryFile", side_effect=erofs):
@@ -300,7 +306,7 @@ def disk_full_checkpoint(ctx: SimpleNamespace) -> object:
     import errno
     from unittest import mock
 
-    from ddtas_lightning import checkpointing
+    from ddtas_lightning.runtime import checkpointing
 
     path = ctx.tmp / "checkpoints" / "last.ckpt"
     checkpointing.atomic_torch_save({"step": 1}, path)
@@ -343,6 +349,315 @@ def recall_k_above_gallery(ctx: SimpleNamespace) -> None:
     assert len(test) == 1 and test[0].startswith("metrics.recall_ks: R@1000 on the test split, whose queries each "
                                                  "rank only 35 gallery items"), messages
     assert len(messages) == len({m.split(" split,")[0] for m in messages})  # once per split
+
+
+# ---- issue 21: degenerate eval splits, loosely read values, ignored combinations, misspelt added keys -------
+def folder_eval_split(kind: str) -> Callable[[SimpleNamespace], object]:
+    """``dataset=folder``: 6 train classes x 3 images, and a test split of one class (6 images) or of 6
+    classes of one image each; refused when the data module is set up, before any training."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        root = ctx.tmp / "imgs"
+        for c in range(6):
+            for j in range(3):
+                write_image(root / f"a{c}" / f"{j}.png", seed=10 * c + j, size=32)
+        test = [("t0", j) for j in range(6)] if kind == "one-class" else [(f"t{c}", 0) for c in range(6)]
+        for k, (name, j) in enumerate(test):
+            write_image(root / name / f"{j}.png", seed=100 + k, size=32)
+        fraction = round(6 / (6 + len({n for n, _ in test})), 3)  # the a* classes train
+        own = ("dataset=folder", f"dataset.source.root={root}", f"dataset.source.split={fraction}",
+               "dataset.image_size=32", "transform=simple")
+        base = [o for o in overrides_of(ctx, own) if not o.startswith("dataset.source.")]
+        return train(compose_train([*base, f"dataset.source.root={root}", f"dataset.source.split={fraction}"],
+                                   ctx.tmp, ctx.data_dir))
+
+    return run
+
+
+def with_hydra_mode(*overrides: str) -> Callable[[SimpleNamespace], object]:
+    """``train()`` on the composed config with Hydra's own config set as in ``python -m ddtas_lightning.train``
+    without ``-m`` (RUN mode)."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict
+
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True, overrides=[
+                f"paths.root_dir={ctx.tmp}", f"paths.output_dir={ctx.tmp / 'run'}", f"paths.data_dir={ctx.data_dir}",
+                "hydra.mode=RUN", *overrides_of(ctx, overrides)])
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            return train(cfg)
+        finally:
+            HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+    run.overrides = overrides  # type: ignore[attr-defined]
+    return run
+
+
+def tpe_space(param: str) -> Callable[[SimpleNamespace], object]:
+    """The TPE sweeper's search space of ``hydra.sweeper.params`` (what ``-m hparams_search=...`` builds first)."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        from hydra_plugins.ddtas_tpe_sweeper.tpe_sweeper import TPESweeper
+
+        key, value = param.split("=", 1)
+        return TPESweeper(n_trials=1, params={key: value})._space([])
+
+    return run
+
+
+def cached(*overrides: str) -> Callable[[SimpleNamespace], object]:
+    """``dataset=cached_features backbone=mlp transform=none`` (on the synthetic images) with ``overrides``."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        own = ("dataset=cached_features", "backbone=mlp", "transform=none", *overrides)
+        base = [o for o in overrides_of(ctx, own) if not o.startswith(("dataset.source.", "dataset.image_size",
+                                                                        "backbone.model_name"))]
+        return train(compose_train([*base, *(o for o in overrides if o.lstrip("+").startswith("dataset.source."))],
+                                   ctx.tmp, ctx.data_dir))
+
+    return run
+
+
+def cached_stage_out_of_range(ctx: SimpleNamespace) -> object:
+    """``dataset.source.stages=[9]`` on resnet10t (stages 0-4): refused when the frozen backbone is built, before
+    any image is read."""
+    from ddtas_lightning.data.cached_features import CachedFeatures
+
+    source = CachedFeatures(root=str(ctx.tmp / "features"), images={"name": "x", "source": {}},
+                            backbone={"_target_": "ddtas_lightning.models.Embedder", "model_name": "resnet10t",
+                                      "dim": 8}, transform={}, stages=[9])
+    return source.model()
+
+
+# ---- issue 21 (untrusted files, outputs on a full disk, evaluate's options): docs/security.md --------------
+def eval_cfg(ctx: SimpleNamespace, ckpt: Path | None, *overrides: str):
+    from tests.test_security import compose_eval
+
+    return compose_eval([*([f"ckpt_path={ckpt}"] if ckpt else []), *overrides], ctx.tmp / "eval", ctx.data_dir)
+
+
+def evaluate_with(*overrides: str, ckpt: bool = True) -> Callable[[SimpleNamespace], object]:
+    """``python -m ddtas_lightning.evaluate`` in-process on the catalogue's trained checkpoint."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        from ddtas_lightning.evaluate import evaluate
+
+        return evaluate(eval_cfg(ctx, ctx.ckpt() if ckpt else None, *overrides))
+
+    return run
+
+
+def hostile_checkpoint(kind: str) -> Callable[[SimpleNamespace], object]:
+    """The trained checkpoint as a hostile sender would pass it on: a stored config naming a _target_ that
+    writes a file (or reading an environment variable), a pickle that runs code, or no stored config at
+    all (the run dir's .hydra/config.yaml beside it is not read on its own). Nothing may run."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        from ddtas_lightning.evaluate import evaluate
+        from tests.test_security import pickle_checkpoint, with_config
+
+        marker = ctx.tmp / "marker"
+        ckpt = ctx.tmp / "run" / "checkpoints" / "sent.ckpt"
+        if kind == "target":
+            with_config(ctx.ckpt(), ckpt, lambda c: c.update(backbone={
+                "_target_": "pathlib.Path.write_text",
+                "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}, "owned"]}))
+        elif kind == "env":
+            with_config(ctx.ckpt(), ckpt, lambda c: c["dataset"].update(name="${oc.env:AWS_SECRET_ACCESS_KEY}"))
+        elif kind == "no-config":  # an older checkpoint, with a .hydra/config.yaml beside it
+            state = torch.load(ctx.ckpt(), weights_only=True)
+            del state["ddtas_config"]
+            ckpt.parent.mkdir(parents=True)
+            torch.save(state, ckpt)
+            (ctx.tmp / "run" / ".hydra").mkdir()
+            (ctx.tmp / "run" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        else:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            pickle_checkpoint(ctx.ckpt(), ckpt, marker)
+        try:
+            if kind == "pickle-train":
+                return config(f"ckpt_path={ckpt}", "evaluate_before_training=true")(ctx)
+            return evaluate(eval_cfg(ctx, ckpt))
+        finally:
+            assert not marker.exists() and not (ctx.tmp / "run" / "untrained.json").exists()
+
+    return run
+
+
+def pickle_backbone_weights(ctx: SimpleNamespace) -> object:
+    from tests.test_security import Payload
+
+    path = ctx.tmp / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "evil": Payload(ctx.tmp / "marker")}, path)
+    try:
+        return config(f"backbone.checkpoint_path={path}")(ctx)
+    finally:
+        assert not (ctx.tmp / "marker").exists()
+
+
+def hostile_archive(kind: str) -> Callable[[SimpleNamespace], object]:
+    """``python -m ddtas_lightning.data.prepare cub200 <archive>`` on a tar with a symlink member, a zip bomb (at
+    a 1 MiB cap) or a truncated .tgz; nothing is installed."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        import tarfile
+        import zipfile
+
+        from ddtas_lightning.data.prepare import Limits, prepare
+
+        d = cub_tree(ctx.tmp / "download", classes=2, per_class=2)
+        archive, limits = ctx.tmp / {"link": "cub.tar", "bomb": "cub.zip", "truncated": "cub.tgz"}[kind], None
+        if kind == "link":
+            with tarfile.open(archive, "w") as t:
+                t.add(d, arcname="CUB_200_2011")
+                info = tarfile.TarInfo("CUB_200_2011/images/escape")
+                info.type, info.linkname = tarfile.SYMTYPE, "../../../.."
+                t.addfile(info)
+        elif kind == "bomb":
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in sorted(d.rglob("*")):
+                    if p.is_file():
+                        z.write(p, p.relative_to(d.parent).as_posix())
+                z.writestr("CUB_200_2011/zeros.bin", b"\0" * (2 * 2**20))
+            limits = Limits(max_bytes=2**20)
+        else:
+            with tarfile.open(archive, "w:gz") as t:
+                t.add(d, arcname="CUB_200_2011")
+            archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+        try:
+            return prepare("cub200", [archive], ctx.tmp / "data", limits=limits)
+        finally:
+            assert not (ctx.tmp / "data" / "CUB_200_2011").exists()
+
+    return run
+
+
+def index_path_outside_root(ctx: SimpleNamespace) -> object:
+    d = cub_tree(ctx.tmp / "ds")
+    write_image(ctx.tmp / "outside" / "secret.jpg", seed=99)  # exists: without the check it would be read
+    lines = (d / "images.txt").read_text().splitlines()
+    lines[2] = "3 ../../../outside/secret.jpg"
+    (d / "images.txt").write_text("\n".join(lines) + "\n")
+    return CUB200(d).load("train")
+
+
+def bad_feature_cache(kind: str) -> Callable[[SimpleNamespace], object]:
+    def run(ctx: SimpleNamespace) -> object:
+        from tests.data.test_untrusted_inputs import feature_cache
+
+        src, _ = feature_cache(ctx.tmp, **{"truncated": dict(truncate=True), "short-labels": dict(labels=9),
+                                           "nan": dict(nan=True)}[kind])
+        return src.load("train")
+
+    return run
+
+
+def failing_write(code: int, name: str):
+    """``Path.write_text`` raising OSError(code) for files called ``name``: a disk that fills up (ENOSPC) or
+    turns out read-only (EROFS) there. The tests run as root, for whom chmod does not stop a write."""
+    from unittest import mock
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == name:
+            raise OSError(code, os.strerror(code))
+        return real(self, *args, **kwargs)
+
+    return mock.patch.object(Path, "write_text", write_text)
+
+
+def disk_error(command: str, code: int) -> Callable[[SimpleNamespace], object]:
+    """``command``'s outputs on a disk that fails with ``code``: one error naming the folder; nothing left
+    there (no 0-byte report.md, no gallery.json without metrics.json, no .tmp.npz, no staging dir)."""
+
+    def run(ctx: SimpleNamespace) -> object:
+        import numpy as np
+
+        out = ctx.tmp / "out"
+        try:
+            if command == "evaluate":
+                with failing_write(code, "metrics.json" if code == errno.ENOSPC else "gallery.json"):
+                    from ddtas_lightning.evaluate import evaluate
+
+                    return evaluate(_eval_into(ctx, out))
+            if command == "compare":
+                from ddtas_lightning.compare import run as compare
+                from tests.test_compare import make_sweep
+
+                sweep = make_sweep(ctx.tmp / "sweeps", failed=False)
+                with failing_write(code, "report.md"):
+                    return compare([sweep], out)
+            if command == "study":
+                from ddtas_lightning.report.study import settings, write_report
+                from tests.test_study import GRID, LEARNED, make_setting
+
+                make_setting(ctx.tmp / "study", "synth_100", GRID, LEARNED)
+                with failing_write(code, "report.md"):
+                    return write_report(settings(ctx.tmp / "study"), out)
+            if command == "feature-cache":
+                from unittest import mock
+
+                from ddtas_lightning.data import cached_features as cf
+
+                def savez(file, **arrays):  # part of the file written, then the disk is full
+                    Path(file).write_bytes(b"PK\x03\x04")
+                    raise OSError(code, os.strerror(code))
+
+                out.mkdir()
+                with mock.patch.object(cf.np, "savez", savez):
+                    return cf.write_cache(out / cf.FEATURES, out / cf.MANIFEST, {}, np.zeros((2, 3), np.float32),
+                                          np.zeros(2), np.zeros(2))
+            from unittest import mock
+
+            from ddtas_lightning.data import synthetic
+
+            def write_tree(params, tmp, num_workers):
+                (tmp / "images").mkdir(parents=True)
+                (tmp / "images" / "half.png").write_bytes(b"\x89PNG")
+                raise OSError(code, os.strerror(code))
+
+            with mock.patch.object(synthetic, "write_tree", write_tree):
+                return synthetic.Synthetic(out, num_classes=4, images_per_class=2).load("train")
+        finally:
+            assert not out.exists() or [p.name for p in out.iterdir()] == [], list(out.iterdir())
+
+    return run
+
+
+def _eval_into(ctx: SimpleNamespace, out: Path):
+    from tests.test_security import compose_eval
+
+    return compose_eval([f"ckpt_path={ctx.ckpt()}"], out, ctx.data_dir)
+
+
+def evaluate_sigterm(ctx: SimpleNamespace) -> object:
+    """SIGTERM while evaluate writes its gallery: it stops, removes what it had written, exits 143."""
+    from unittest import mock
+
+    import ddtas_lightning.inspect as inspect_pkg
+    from ddtas_lightning.evaluate import evaluate
+
+    real = inspect_pkg.render_gallery_html
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    out = ctx.tmp / "out"
+    try:
+        with mock.patch.object(inspect_pkg, "render_gallery_html", terminated):
+            return evaluate(_eval_into(ctx, out))
+    finally:
+        assert [p.name for p in out.iterdir()] == []
 
 
 C, E, L = "config value", "config group", "dataset layout"
@@ -767,14 +1082,227 @@ CASES = [
          "not an error: R@1000 is computed (100% by construction) and one warning per split says so in the log: "
          "`metrics.recall_ks: R@1000 on the test split, whose queries each rank only 35 gallery items: R@K = 100% "
          "by construction for K >= 35 and says nothing about the model; use K < 35`", 0),
+    # ---- issue 21: degenerate eval splits, loosely read values, ignored combinations, misspelt added keys ----
+    Case("eval-split-one-class", "eval split", "a test split with one class (`dataset=folder`, 6 images of one "
+         "test class)", folder_eval_split("one-class"), ConfigError,
+         r"the test split has 1 class with 6 images per class \(6 images\): R@1, MAP@R and NMI would be 1.0 by "
+         r"construction .*retrieval metrics need >= 2 classes and at least one class with >= 2 images",
+         "the test split has 1 class with 6 images per class (6 images): R@1, MAP@R and NMI would be 1.0 by "
+         "construction (every neighbour is of the query's class); retrieval metrics need >= 2 classes and at least "
+         "one class with >= 2 images. Check the dataset's classes and splits (dataset.source.*)", 2),
+    Case("eval-split-one-image-per-class", "eval split", "test classes of one image each (`dataset=folder`, 6 "
+         "test classes x 1 image; the validation split is checked alike)", folder_eval_split("singletons"),
+         ConfigError,
+         r"the test split has 6 classes with 1 image per class \(6 images\): no query has a relevant gallery "
+         r"item \(R@1 and MAP@R would be NaN, NMI 1.0\); retrieval metrics need >= 2 classes",
+         "the test split has 6 classes with 1 image per class (6 images): no query has a relevant gallery item (R@1 "
+         "and MAP@R would be NaN, NMI 1.0); retrieval metrics need >= 2 classes and at least one class with >= 2 "
+         "images. Check the dataset's classes and splits (dataset.source.*)", 2),
+    Case("all-updates-skipped", "training", "every update non-finite in a run shorter than "
+         "`module.max_nonfinite_steps` (NaN images from the first batch, 1 step, limit 10); metrics.json is "
+         "written with `\"status\": \"not_trained\"` and no test metrics",
+         config("+callbacks.nan._target_=tests.test_nonfinite.NaNImagesFrom", "+callbacks.nan.batch=0",
+                "module.max_nonfinite_steps=10"), NonFiniteLossError,
+         r"every training update was skipped: 1 non-finite losses/gradients and 0 optimiser updates .*no test "
+         r"evaluation",
+         "every training update was skipped: 1 non-finite losses/gradients and 0 optimiser updates (the run ended "
+         "before module.max_nonfinite_steps=10 in a row stopped it); the model is the untrained one, so no test "
+         "evaluation. Lower optimizer.lr or check the data", 3,
+         cli=True),
+    *[Case(f"boolean-{key.replace('.', '-').replace('_', '-')}", C, f"`{key}={bad}`", config(f"{key}={bad}"),
+           ConfigError, rf"{re.escape(key)} must be true or false, got '{bad}' \('{bad}' is a string",
+           f"{key} must be true or false, got '{bad}' ('{bad}' is a string, and any non-empty string reads as true)",
+           2) for key, bad in (("evaluate_before_training", "no"), ("metrics.nmi", "off"),
+                               ("test_after_training", "yes"), ("data.persistent_workers", "0n"))],
+    Case("val-folds-with-test-selection", C, "`data.val_folds=4 data.selection=test` (the folds would be ignored)",
+         config("data.val_folds=4", "data.selection=test"), ConfigError,
+         r"data.val_folds=4 is ignored with data.selection=test",
+         "data.val_folds=4 is ignored with data.selection=test (validation on the test split, the papers' protocol: "
+         "no validation classes are held out); drop data.val_folds, or keep it with data.selection=val", 2),
+    Case("val-fold-without-folds", C, "`data.val_fold=2` without `data.val_folds` (ignored)",
+         config("data.val_fold=2"), ConfigError, r"data.val_fold=2 is ignored without data.val_folds",
+         "data.val_fold=2 is ignored without data.val_folds (folds of the train classes); set data.val_folds=k "
+         "(e.g. data.val_folds=4), or drop data.val_fold", 2),
+    Case("sweep-recipe-without-m", C, "`hparams_search=threshold_tpe` without `-m` (one plain run, no search)",
+         with_hydra_mode("hparams_search=threshold_tpe"), ConfigError,
+         r"hparams_search=threshold_tpe is a sweep .* but this is a single run: add -m",
+         "hparams_search=threshold_tpe is a sweep (an Optuna study of hydra.sweeper.n_trials runs), but this is a "
+         "single run: add -m (python -m ddtas_lightning.train -m hparams_search=threshold_tpe ...); without -m "
+         "Hydra ignores the sweeper and would make one plain run with the recipe's defaults", 2, cli=True),
+    Case("misspelt-added-key-data", C, "`+data.batchsize=8` (a misspelt key added with `+`)",
+         config("+data.batchsize=8"), ConfigError,
+         r"data.batchsize is not an option of DMLDataModule; did you mean data.batch_size\? its options: .*K, "
+         r"batch_size",
+         "data.batchsize is not an option of DMLDataModule; did you mean data.batch_size? its options: K, "
+         "batch_size, batches_per_epoch, eval_batch_size, meta_K, ...", 2, cli=True),
+    Case("misspelt-added-key-optimizer", C, "`+optimizer.lrr=0.1` (any `_target_` group: loss, miner, "
+         "threshold_policy, scheduler, trainer, dataset.source, transform)", config("+optimizer.lrr=0.1"),
+         ConfigError, r"optimizer.lrr is not an option of torch.optim.Adam; did you mean optimizer.lr\? its "
+         r"options: .*weight_decay",
+         "optimizer.lrr is not an option of torch.optim.Adam; did you mean optimizer.lr? its options: amsgrad, "
+         "betas, capturable, ..., lr, maximize, weight_decay", 2),
+    Case("cpu-precision-16", C, "`trainer.precision=16-true` on a CPU", config("trainer.precision=16-true"),
+         ConfigError, r"trainer.precision=16-true on the CPU \(trainer.accelerator=cpu\): float16 weights on a "
+         r"CPU give NaN embeddings; on a CPU use one of 32-true, 64-true, bf16-mixed",
+         "trainer.precision=16-true on the CPU (trainer.accelerator=cpu): float16 weights on a CPU give NaN "
+         "embeddings; on a CPU use one of 32-true, 64-true, bf16-mixed (default 32-true), or run on a GPU", 2),
+    Case("tpe-interval-low-above-high", "sweeper", "`-m hparams_search=threshold_tpe` with "
+         "`hydra.sweeper.params.loss.threshold='interval(0.9, 0.1)'`", tpe_space("loss.threshold=interval(0.9, 0.1)"),
+         ConfigError, r"hydra.sweeper.params.loss.threshold: interval\(0.9, 0.1\) has low > high; write "
+         r"interval\(0.1, 0.9\)",
+         "hydra.sweeper.params.loss.threshold: interval(0.9, 0.1) has low > high; write interval(0.1, 0.9)", 2),
+    Case("cached-stages-out-of-range", C, "`dataset=cached_features dataset.source.stages=[9]` (resnet: 0-4)",
+         cached_stage_out_of_range, ConfigError,
+         r"dataset.source.stages=\[9\]: resnet10t has stages 0 \(stem\) to 4, so \[9\] is not one of them",
+         "dataset.source.stages=[9]: resnet10t has stages 0 (stem) to 4, so [9] is not one of them; use indices in "
+         "0..4 (e.g. [1, 2, 3, 4] for a resnet's layers)", 2),
+    Case("cached-misspelt-key", C, "`dataset=cached_features +dataset.source.stagez=[1]`",
+         cached("+dataset.source.stagez=[1]"), ConfigError,
+         r"dataset.source.stagez is not an option of ddtas_lightning.data.cached_features.CachedFeatures; did you "
+         r"mean dataset.source.stages\?",
+         "dataset.source.stagez is not an option of ddtas_lightning.data.cached_features.CachedFeatures; did you "
+         "mean dataset.source.stages? its options: backbone, backbone_seed, batch_size, ..., stages, ...", 2),
+    # ---- issue 21: untrusted files (docs/security.md) ----
+    Case("ckpt-config-untrusted-target", "untrusted file", "`evaluate ckpt_path=` a checkpoint whose stored config "
+         "builds `_target_: pathlib.Path.write_text` (any `_target_` off the allow-list)",
+         hostile_checkpoint("target"), ConfigError,
+         r"^backbone._target_: _target_ 'pathlib.Path.write_text' in the config of checkpoint .*sent.ckpt is not on "
+         r"the allow-list .*refused before anything was built",
+         "backbone._target_: _target_ 'pathlib.Path.write_text' in the config of checkpoint <run>/checkpoints/sent.ckpt is "
+         "not on the "
+         "allow-list of what a config from a file may build (and 1 more: backbone._args_[0]._target_); refused "
+         "before anything was built (ddtas_lightning.config.trusted_targets: ...). A checkpoint is data: evaluate "
+         "only files whose config you have checked, or pass run_config=<a config you trust>", 2),
+    Case("ckpt-config-env-resolver", "untrusted file", "`evaluate ckpt_path=` a checkpoint whose stored config "
+         "reads `${oc.env:AWS_SECRET_ACCESS_KEY}`", hostile_checkpoint("env"), ConfigError,
+         r"^dataset.name: interpolation '\$\{oc.env:AWS_SECRET_ACCESS_KEY\}' \(resolver 'oc.env'\) in the config "
+         r"of checkpoint .* is not on the allow-list",
+         "dataset.name: interpolation '${oc.env:AWS_SECRET_ACCESS_KEY}' (resolver 'oc.env') in the config of "
+         "checkpoint <path> is not on the allow-list of what a config from a file may build; refused before "
+         "anything was built (...)", 2),
+    Case("ckpt-without-config", "untrusted file", "`evaluate ckpt_path=` an older checkpoint without a stored "
+         "config, `.hydra/config.yaml` beside its run dir", hostile_checkpoint("no-config"), ConfigError,
+         r"carries no training config .*config.yaml exists, but a file next to a checkpoint is not read on its "
+         r"own: check it and pass run_config=.*config.yaml",
+         "ckpt_path: <run>/checkpoints/sent.ckpt carries no training config (checkpoint key 'ddtas_config', saved "
+         "by every checkpoint of this framework); evaluate rebuilds the model from it; <run>/.hydra/config.yaml "
+         "exists, but a file next to a checkpoint is not read on its own: check it and pass "
+         "run_config=<run>/.hydra/config.yaml", 2),
+    *[Case(f"ckpt-pickle-{where}", "untrusted file", f"`{cmd} ckpt_path=` a checkpoint holding a pickled object "
+           "(`__reduce__` calling `open`)", hostile_checkpoint(f"pickle-{where}"), UnsafeFileError,
+           r"^ckpt_path: checkpoint .*sent.ckpt asks to construct the Python object io.open when loaded, and "
+           r"unpickling it could run any code: refused",
+           "ckpt_path: checkpoint <run>/checkpoints/sent.ckpt asks to construct the Python object io.open when "
+           "loaded, and unpickling it "
+           "could run any code: refused (a file from elsewhere is data, not code). Only files of tensors, numbers, "
+           f"strings, lists and dicts (torch.load(..., weights_only=True)) are loaded; ...{note}", 2)
+      for where, cmd, note in (("eval", "evaluate", ""),
+                               ("train", "train", " (before the untrained evaluation)"))],
+    Case("backbone-weights-pickle", "untrusted file", "`backbone.checkpoint_path=` weights holding a pickled object",
+         pickle_backbone_weights, UnsafeFileError,
+         r"^backbone.checkpoint_path: weights file .*weights.pth asks to construct the Python object io.open",
+         "backbone.checkpoint_path: weights file <path>/weights.pth asks to construct the Python object io.open when loaded, "
+         "and unpickling it could run any code: refused (...)", 2),
+    Case("prepare-tar-link", "untrusted file", "`prepare cub200 <tar>` whose archive holds a symlink (also hard "
+         "links, devices, FIFOs, `..` or absolute names)", hostile_archive("link"), DatasetLayoutError,
+         r"cub.tar: member 'CUB_200_2011/images/escape' is a symbolic link to '../../../..'; refused",
+         "<path>/cub.tar: member 'CUB_200_2011/images/escape' is a symbolic link to '../../../..'; refused (a "
+         "dataset archive holds only files and folders)", 2),
+    Case("prepare-bomb", "untrusted file", "`prepare cub200 <zip> --max-unpacked-gib 0.001` on a zip that expands "
+         "to 2 MiB (also: more than `--max-ratio` 100 times its size beyond 50 MiB)", hostile_archive("bomb"),
+         DatasetLayoutError, r"cub.zip: announces \d.\d MiB, more than the limit of 1.0 MiB; refused",
+         "<path>/cub.zip: announces 2.0 MiB, more than the limit of 1.0 MiB; refused (a decompression bomb?). "
+         "Raise it with --max-unpacked-gib if the archive is genuine", 2),
+    Case("prepare-truncated", "untrusted file", "`prepare cub200 <tgz>` on a truncated download",
+         hostile_archive("truncated"), DatasetLayoutError,
+         r"cub.tgz: the archive is truncated or corrupt \(EOFError: .*\); download it again",
+         "<path>/cub.tgz: the archive is truncated or corrupt (EOFError: Compressed file ended before the "
+         "end-of-stream marker was reached); download it again (nothing was installed)", 2),
+    Case("index-path-outside-root", "untrusted file", "an `images.txt` line `3 ../../../outside/secret.jpg` (also "
+         "absolute paths; Cars196 `relative_im_path`, SOP and In-Shop lists)", index_path_outside_root,
+         DatasetLayoutError,
+         r"images.txt line 3: path '../../../outside/secret.jpg' points outside the dataset root",
+         "<root>/images.txt line 3: path '../../../outside/secret.jpg' points outside the dataset root "
+         "<root>/images; expected a path relative to it (not absolute, no '..' leaving it): an index file must not "
+         "make the loader read other files", 2),
+    *[Case(f"feature-cache-{kind}", "untrusted file", f"a feature cache ({what})", bad_feature_cache(kind),
+           DatasetLayoutError, rf"features.npz: {regex}.*Delete its directory", f"<path>/features.npz: {example}; "
+           "expected a .npz with features (N, D) or activations (N, C, H, W), finite floats; labels (N,) integers; "
+           "split (N,) 0 train / 1 test. Delete its directory (<path>) to rebuild it", 2)
+      for kind, what, regex, example in (
+          ("truncated", "`features.npz` cut in half", r"not a readable feature cache \(.*BadZipFile",
+           "not a readable feature cache (feature cache: cannot read <path>: BadZipFile: File is not a zip file)"),
+          ("short-labels", "9 labels for 10 feature rows",
+           r"not a usable feature cache: 10 feature rows but labels of shape \(9,\)",
+           "not a usable feature cache: 10 feature rows but labels of shape (9,) (int64)"),
+          ("nan", "a NaN feature", r"not a usable feature cache: 1 of 10 feature rows hold NaN",
+           "not a usable feature cache: 1 of 10 feature rows hold NaN or infinite values"))],
+    # ---- issue 21: evaluate's options ----
+    Case("evaluate-no-ckpt-path", "evaluate", "`python -m ddtas_lightning.evaluate` without `ckpt_path`",
+         evaluate_with(ckpt=False), ConfigError, r"^ckpt_path is required: python -m ddtas_lightning.evaluate",
+         "ckpt_path is required: python -m ddtas_lightning.evaluate ckpt_path=<run dir>/checkpoints/<file>.ckpt (a "
+         "checkpoint written by ddtas_lightning.train)", 2),
+    *[Case(f"evaluate-inspect-{key.replace('_', '-')}", "evaluate", f"`evaluate inspect.{key}={bad}`",
+           evaluate_with(f"inspect.{key}={bad}"), ConfigError, rf"inspect.{key} must be an integer >= {low}, got {bad}",
+           f"inspect.{key} must be an integer >= {low}, got {bad}", 2)
+      for key, bad, low in (("thumb", 2, 16), ("top_k", 0, 1))],
+    # ---- issue 21: full and read-only disks, signals ----
+    *[Case(f"{command}-{'disk-full' if code == errno.ENOSPC else 'read-only'}", "outputs",
+           f"`{trigger}` on a disk that {'fills up' if code == errno.ENOSPC else 'turns out read-only'} "
+           f"({errno.errorcode[code]})", disk_error(command, code), error, regex, example, 2)
+      for command, code, trigger, error, regex, example in (
+          ("evaluate", errno.ENOSPC, "evaluate", ConfigError,
+           r"^cannot write the evaluation's outputs in .*out: No space left on device \(errno 28, ENOSPC\); nothing "
+           r"was kept",
+           "cannot write the evaluation's outputs in <dir>/out: No space left on device (errno 28, ENOSPC); nothing was "
+           "kept. Free space on (or make writable) <dir>/out, or choose another hydra.run.dir (no gallery.json without "
+           "metrics.json: the outputs are staged and moved into place together)"),
+          ("evaluate", errno.EROFS, "evaluate", ConfigError,
+           r"^cannot write the evaluation's outputs in .*out: Read-only file system \(errno 30, EROFS\)",
+           "cannot write the evaluation's outputs in <dir>/out: Read-only file system (errno 30, EROFS); nothing was "
+           "kept. ..."),
+          ("compare", errno.ENOSPC, "compare --out OUT", SweepError,
+           r"^--out .*out: cannot write the report there \(No space left on device \(errno 28, ENOSPC\)\); nothing "
+           r"was kept",
+           "--out <dir>/out: cannot write the report there (No space left on device (errno 28, ENOSPC)); nothing was "
+           "kept. Free space or choose a writable directory (no 0-byte report.md)"),
+          ("compare", errno.EROFS, "compare --out OUT", SweepError,
+           r"^--out .*out: cannot write the report there \(Read-only file system",
+           "--out <dir>/out: cannot write the report there (Read-only file system (errno 30, EROFS)); nothing was kept. "
+           "..."),
+          ("study", errno.ENOSPC, "study DIR --out OUT", SweepError,
+           r"^--out .*out: cannot write the report there \(No space left on device",
+           "--out <dir>/out: cannot write the report there (No space left on device (errno 28, ENOSPC)); nothing was "
+           "kept. ..."),
+          ("feature-cache", errno.ENOSPC, "dataset=cached_features", DatasetLayoutError,
+           r"^cannot write the feature cache .*features.npz: No space left on device \(ENOSPC\); nothing was kept",
+           "cannot write the feature cache <root>/<name>-<hash>/features.npz: No space left on device (ENOSPC); "
+           "nothing was kept (no .tmp.npz). Free space on (or make writable) its directory, or set "
+           "dataset.source.root to another one"),
+          ("synthetic", errno.EROFS, "dataset=synthetic", DatasetLayoutError,
+           r"^cannot write the synthetic dataset in .*out: Read-only file system \(EROFS\); nothing was kept",
+           "cannot write the synthetic dataset in <dir>/out: Read-only file system (EROFS); nothing was "
+           "kept. Free space on (or make writable) that directory, or set paths.data_dir (or dataset.source.root) "
+           "to another one"))],
+    Case("evaluate-sigterm", "outputs", "SIGTERM (or Ctrl-C: exit 130) while `evaluate` writes its gallery",
+         evaluate_sigterm, EvaluationStopped,
+         r"^evaluate stopped by SIGTERM; nothing was written \(the partial outputs were removed\)",
+         "evaluate stopped by SIGTERM; nothing was written (the partial outputs were removed); run it again to "
+         "evaluate", 143),
 ]
 
 
 def cli_exit_code(exc: BaseException) -> int | None:
     """The exit code ``python -m ddtas_lightning.train`` ends with for ``exc``: 1 for Hydra's
-    composition errors, else ``train.exit_code_for`` (2 for one ``error:`` line, None for a traceback)."""
+    composition errors, else ``train.exit_code_for`` (2 for one ``error:`` line, None for a traceback).
+    ``compare`` / ``study`` print a SweepError as one line (exit 2); ``evaluate`` stopped by a signal
+    prints one line and exits 128 + the signal."""
     if isinstance(exc, HYDRA_ERRORS):
         return 1
+    if isinstance(exc, SweepError):
+        return 2
+    if isinstance(exc, EvaluationStopped):
+        return 128 + exc.signum
     return exit_code_for(exc)
 
 
@@ -851,9 +1379,13 @@ def render_doc() -> str:
         "`python -m ddtas_lightning.train` prints a bad config value, dataset layout or checkpoint as one line,",
         "`error: <message>`, and exits with code **2** (no traceback): the message names the key or the file",
         "and what is allowed or expected. Hydra's own errors (an unknown group option or key, a malformed",
-        "override) keep Hydra's message and exit code **1**. Rows with exit code 0 are inputs that are not",
+        "override) keep Hydra's message and exit code **1**. A run that could not train (every update non-finite)",
+        "exits with code **3**, as the non-finite guard does. Rows with exit code 0 are inputs that are not",
         "errors but are handled in a defined way. `<root>`, `<run>`, `<path>` stand for your paths; `...`",
-        "marks text shortened here.",
+        "marks text shortened here. Rows whose input names another command (`evaluate`, `prepare`, `compare`,",
+        "`study`) are that command's: it prints the same one `error:` line (`evaluate` stopped by a signal exits",
+        "128 + the signal). Files from elsewhere (checkpoints, archives, index files, caches) are untrusted:",
+        "[security.md](security.md).",
         "",
     ]
     category = None

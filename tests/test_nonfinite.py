@@ -133,3 +133,32 @@ def test_an_isolated_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, da
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert metrics["nonfinite_skipped"] == 1 and metrics["global_steps"] == 5
     assert not (Path(cfg.paths.output_dir) / "checkpoints" / "nonfinite_stop.ckpt").exists()
+
+
+def test_a_run_whose_every_update_was_skipped_fails_with_exit_3_and_says_so(tmp_path, data_dir, monkeypatch):
+    """6 steps, all non-finite, under module.max_nonfinite_steps=10: the guard never stopped the run, which
+    used to exit 0 and write metrics.json like a trained run. Now: exit 3 (the guard's code), one error naming
+    the count, metrics.json with "status": "not_trained" and no test metrics; compare reads it as failed."""
+    from ddtas_lightning.report.runs import Run
+    from ddtas_lightning.runtime.errors import exit_code_for
+
+    split_batch = DMLModule.split_batch
+
+    def all_bad(self, batch):
+        images, labels, index = batch
+        return split_batch(self, (torch.full_like(images, float("nan")), labels, index))
+
+    monkeypatch.setattr(DMLModule, "split_batch", all_bad)
+    run = [o for o in RUN if not o.startswith("module.max_nonfinite_steps")]
+    cfg = compose_train([*run, "module.max_nonfinite_steps=10"], tmp_path, data_dir)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    assert str(err.value).startswith("every training update was skipped: 6 non-finite losses/gradients and 0 "
+                                     "optimiser updates")
+    assert exit_code_for(err.value) == 3
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "not_trained" and metrics["trained"] is False
+    assert metrics["nonfinite_skipped"] == 6 and metrics["global_steps"] == 0 and "test" not in metrics
+    run_record = Run.load(out)
+    assert not run_record.ok and run_record.error.startswith("not trained: every training update was skipped")

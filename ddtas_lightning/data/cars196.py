@@ -14,7 +14,13 @@ from ddtas_lightning.data.image_dataset import (
     split_classes,
     warn_if_counts_differ,
 )
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
+from ddtas_lightning.data.records import (
+    DatasetLayoutError,
+    DatasetSource,
+    SplitRecords,
+    distinct_images,
+    listed_path,
+)
 
 LAYOUT = (
     "<root>/{cars_annos.mat (struct array 'annotations' with fields relative_im_path, bbox_x1, bbox_y1, "
@@ -110,7 +116,7 @@ class Cars196(DatasetSource):
                 raise DatasetLayoutError(f"{mat_path}: image {p} is annotated more than once; expected "
                                          "one annotation per image")
             seen.add(p)
-        paths = [self.root / p for p in rel]
+        paths = [listed_path(self.root, p, mat_path, f"annotation {i + 1} (relative_im_path)") for i, p in enumerate(rel)]
         if self.check_images:
             check_images_exist(paths, mat_path, LAYOUT)
             paths = distinct_images(paths, ys, mat_path)

@@ -13,7 +13,13 @@ from ddtas_lightning.data.image_dataset import (
     split_classes,
     warn_if_counts_differ,
 )
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
+from ddtas_lightning.data.records import (
+    DatasetLayoutError,
+    DatasetSource,
+    SplitRecords,
+    distinct_images,
+    listed_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +29,9 @@ LAYOUT = (
 )
 
 
-def _parse_pairs(path: Path, value_is_int: bool) -> dict[int, str | int]:
-    """``<int id> <value>`` per line -> {id: value}; one error per malformed line or duplicate id."""
+def _parse_pairs(path: Path, value_is_int: bool, paths_under: Path | None = None) -> dict[int, str | int]:
+    """``<int id> <value>`` per line -> {id: value}; one error per malformed line or duplicate id.
+    ``paths_under``: the values are image paths, each must stay inside that folder (:func:`listed_path`)."""
     out: dict[int, str | int] = {}
     for n, line in enumerate(read_lines(path, LAYOUT), start=1):
         parts = line.split(maxsplit=1)
@@ -36,6 +43,8 @@ def _parse_pairs(path: Path, value_is_int: bool) -> dict[int, str | int]:
             raise DatasetLayoutError(f"{path} line {n} is {line!r}; expected '{kind}' ({LAYOUT})") from None
         if key in out:
             raise DatasetLayoutError(f"{path} line {n}: id {key} is listed twice; expected unique ids")
+        if paths_under is not None:
+            listed_path(paths_under, str(value), path, f"line {n}")
         out[key] = value
     if not out:
         raise DatasetLayoutError(f"{path} is empty; expected layout: {LAYOUT}")
@@ -93,7 +102,7 @@ class CUB200(DatasetSource):
         d = self.dataset_dir()
         images_file, labels_file, classes_file = d / "images.txt", d / "image_class_labels.txt", d / "classes.txt"
         image_dir = require_dir(d / "images", LAYOUT)
-        names = _parse_pairs(images_file, value_is_int=False)
+        names = _parse_pairs(images_file, value_is_int=False, paths_under=image_dir)
         labels = _parse_pairs(labels_file, value_is_int=True)
         classes = _parse_pairs(classes_file, value_is_int=False)
         if names.keys() != labels.keys():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
 from ddtas_lightning.config.validation import ConfigError
 from ddtas_lightning.data.batch_rng import BatchSeededDataset
@@ -169,12 +170,14 @@ class DMLDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
 
     def _dataset(self, records: SplitRecords, train: bool):
-        from ddtas_lightning.data.image_dataset import ImageDataset
+        from ddtas_lightning.data.image_dataset import WHITE, ImageDataset
 
         tf = self.transform.train if train else self.transform.test
         if hasattr(self.source, "make_dataset"):  # sources of non-image data (e.g. gaussian_clusters)
             return self.source.make_dataset(records, tf)
-        return ImageDataset(records, tf, on_bad_image=self.on_bad_image)
+        # the source's dataset.source.background (Folder: emoji and other transparent PNGs), else white
+        background = getattr(self.source, "background", WHITE)
+        return ImageDataset(records, tf, on_bad_image=self.on_bad_image, background=background)
 
     def prepare_data(self) -> None:
         """Runs once per node before setup: generate the synthetic set here, not once per rank."""
@@ -192,6 +195,9 @@ class DMLDataModule(pl.LightningDataModule):
         else:  # the papers' protocol: checkpoints are chosen on the test classes
             val = test
         self._check_classes(train)
+        check_eval_split(test, "test split")
+        if val is not test:
+            check_eval_split(val, "validation split (data.selection=val: the held-out train classes)")
         if self.with_meta_batch and self.meta_source == "heldout":  # meta classes never in a train batch
             train, meta = split_off_meta_classes(train, self.meta_fraction)
             self.meta_offset = len(train)
@@ -223,18 +229,25 @@ class DMLDataModule(pl.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def _overfitting(self) -> bool:
+        """``trainer.overfit_batches`` > 0: the samplers repeat the same batches every epoch (else Lightning's
+        "first N batches" would be N new batches each epoch, since the epoch seeds the draw)."""
+        trainer = self.trainer
+        return trainer is not None and float(getattr(trainer, "overfit_batches", 0) or 0) > 0
+
     def train_sampler(self) -> PKBatchSampler | WithMetaBatch:
         world, rank = self._world()
+        fixed = self._overfitting()
         train = PKBatchSampler(
             self.train_set.labels[:self.meta_offset], self.P, self.K, seed=self.seed,
             batches_per_epoch=self.batches_per_epoch, num_replicas=world, rank=rank,
-            small_classes=self.small_classes,
+            small_classes=self.small_classes, fixed=fixed,
         )
         if not self.with_meta_batch:
             return train
         meta = PKBatchSampler(
             self.train_set.labels[self.meta_offset or 0:], self.meta_batch_size // self.meta_K, self.meta_K,
-            seed=self.seed + 1,
+            seed=self.seed + 1, fixed=fixed,
         )
         if self.meta_offset:  # indices of the meta part of the train set
             meta.class_members = [m + self.meta_offset for m in meta.class_members]
@@ -255,7 +268,9 @@ class DMLDataModule(pl.LightningDataModule):
     def _eval_loader(self, dataset) -> DataLoader:
         world, rank = self._world()
         return DataLoader(
-            dataset, batch_size=self.eval_batch_size, sampler=ShardSampler(len(dataset), world, rank),
+            dataset, batch_size=self.eval_batch_size,
+            # one process: the same order as a SequentialSampler, which Lightning's overfit_batches expects
+            sampler=SequentialSampler(dataset) if world == 1 else ShardSampler(len(dataset), world, rank),
             **self.loader_kwargs,
         )
 
@@ -264,6 +279,27 @@ class DMLDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
+
+
+def check_eval_split(records: SplitRecords, what: str) -> None:
+    """A split that retrieval metrics can measure: >= 2 classes (with one class every neighbour is right:
+    R@1 = MAP@R = NMI = 1.0 by construction) and a class with >= 2 images (with one image per class no
+    query has a relevant gallery item: R@1 and MAP@R are NaN). Checked at set-up, before any training."""
+    counts = Counter(int(y) for y in records.labels)
+    n, most = len(counts), max(counts.values(), default=0)
+    if n >= 2 and most >= 2:
+        return
+    sizes = f"{min(counts.values(), default=0)}-{most}" if n and min(counts.values()) != most else str(most)
+    if n < 2:
+        why = ("R@1, MAP@R and NMI would be 1.0 by construction (every neighbour is of the query's class)"
+               if n else "nothing to evaluate")
+    else:
+        why = "no query has a relevant gallery item (R@1 and MAP@R would be NaN, NMI 1.0)"
+    raise ConfigError(
+        f"the {what} has {n} class{'es' if n != 1 else ''} with {sizes} image{'s' if most != 1 else ''} per "
+        f"class ({len(records)} images): {why}; retrieval metrics need >= 2 classes and at least one class "
+        "with >= 2 images. Check the dataset's classes and splits (dataset.source.*)"
+    )
 
 
 def resolve_pin_memory(value: bool | str) -> bool:

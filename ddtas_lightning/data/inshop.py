@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from ddtas_lightning.data.image_dataset import check_images_exist, read_lines, warn_if_counts_differ
-from ddtas_lightning.data.records import DatasetLayoutError, DatasetSource, SplitRecords, distinct_images
+from ddtas_lightning.data.records import (
+    DatasetLayoutError,
+    DatasetSource,
+    SplitRecords,
+    distinct_images,
+    listed_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class InShop(DatasetSource):
             if parts[0] in seen:
                 raise DatasetLayoutError(f"{path} line {n}: image {parts[0]} is listed twice")
             seen.add(parts[0])
-            rows.append((base / parts[0], label, parts[2]))
+            rows.append((listed_path(base, parts[0], path, f"line {n}"), label, parts[2]))
         train_items = {y for _, y, s in rows if s == "train"}
         test_items = {y for _, y, s in rows if s != "train"}
         shared = train_items & test_items

@@ -10,10 +10,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ddtas_lightning.config.validation import check_choice
+
+if TYPE_CHECKING:
+    import torch  # imported where used: `python -m ddtas_lightning.data.prepare` needs no torch
 
 
 class DatasetLayoutError(RuntimeError):
@@ -50,6 +52,8 @@ class SplitRecords:
         return len(set(self.labels))
 
     def query_gallery(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         n = len(self)
         q = torch.ones(n, dtype=torch.bool) if self.is_query is None else torch.tensor(self.is_query)
         g = torch.ones(n, dtype=torch.bool) if self.is_gallery is None else torch.tensor(self.is_gallery)
@@ -66,6 +70,25 @@ class DatasetSource:
 
     def check_split(self, split: str) -> None:
         check_choice("split", split, self.splits)
+
+
+def listed_path(root: Path, rel: str, listed_in: str | Path, where: str) -> Path:
+    """``root / rel`` for a path read from a dataset's index file (``images.txt``, ``Ebay_*.txt``, ...),
+    refused when it leaves ``root``: an absolute path, or ``..`` climbing out of it
+    (``../../home/user/.ssh/id_rsa``). An index file comes with a download and is as untrusted as the
+    archive; without this check a training run or ``evaluate``'s gallery (which embeds the images it
+    shows) would read any file the user can. The check is on the path as written (normalised, not
+    resolved): symlinks the tree's owner made inside it are followed (``prepare`` refuses links in
+    archives). Raises DatasetLayoutError naming the file, the line (``where``) and the path."""
+    text = str(rel)
+    root_norm = os.path.normpath(os.fspath(root))
+    joined = os.path.normpath(os.path.join(root_norm, text))
+    if "\0" in text or os.path.isabs(text) or not (joined == root_norm or joined.startswith(root_norm.rstrip(os.sep) + os.sep)):
+        raise DatasetLayoutError(
+            f"{listed_in} {where}: path {text!r} points outside the dataset root {root}; expected a path relative "
+            "to it (not absolute, no '..' leaving it): an index file must not make the loader read other files"
+        )
+    return Path(root) / text
 
 
 def distinct_images(paths: Sequence[Path], labels: Sequence[int], listed_in: str | Path) -> list[Path]:

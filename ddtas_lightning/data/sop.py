@@ -12,6 +12,7 @@ from ddtas_lightning.data.records import (
     SplitRecords,
     check_disjoint_splits,
     distinct_images,
+    listed_path,
 )
 
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
@@ -76,7 +77,7 @@ class SOP(DatasetSource):
                                          "expected each image once")
             ids.add(image_id)
             seen.add(rel)
-            paths.append(d / rel)
+            paths.append(listed_path(d, rel, path, f"line {n}"))
             ys.append(cls)
             supers.append(sup)
         if not paths:

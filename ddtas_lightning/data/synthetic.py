@@ -411,16 +411,24 @@ class Synthetic(DatasetSource):
         found = self._current()
         if self._matches(found):
             return self.dataset_dir
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".CUB_200_2011.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         t0 = time.perf_counter()
         why = "absent" if found is None else "generated with other parameters"
         log.info("generating the synthetic dataset in %s (%s): %d classes x %d images of %d px", self.dataset_dir,
                  why, self.params.num_classes, self.params.images_per_class, self.params.image_size)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             write_tree(self.params, tmp, self.num_workers)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=1) + "\n")
             self._install(tmp)
+        except OSError as e:  # a full or read-only disk: one line, and the partial tree is removed below
+            import errno
+
+            code = errno.errorcode.get(e.errno or 0, type(e).__name__)
+            raise DatasetLayoutError(
+                f"cannot write the synthetic dataset in {self.root}: {e.strerror or e} ({code}); nothing was "
+                "kept. Free space on (or make writable) that directory, or set paths.data_dir (or "
+                "dataset.source.root) to another one") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

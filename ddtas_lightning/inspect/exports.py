@@ -57,6 +57,6 @@ def load_exports(directory: str | Path) -> dict:
     from ddtas_lightning.metrics.neighbors import quiet_faiss
 
     directory = Path(directory)
-    out = {name: np.load(directory / f"{name}.npy") for name in FILES}
+    out = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in FILES}  # no pickles
     out["index"] = quiet_faiss().read_index(str(directory / "gallery.faiss"))
     return out

@@ -6,7 +6,7 @@ strategy, the mean +- sample standard deviation (ddof 1) over the runs (seeds) o
 NSPA cluster statistics of the chosen split: ``test`` (the trained model on the unseen test classes),
 ``untrained`` (the same before training) or ``heldout``: the tested checkpoint of each run re-evaluated on
 the held-out samples of the *train* classes (gaussian_clusters' ``val`` split), the set the paper's cluster
-analysis used (spec research/nspa.md §2.1, §3.2).
+analysis used (spec docs/papers/nspa.md §2.1, §3.2).
 """
 
 from __future__ import annotations
@@ -46,12 +46,20 @@ def heldout_metrics(run_dir: Path, run: dict) -> dict[str, float]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from ddtas_lightning.config.trusted_targets import check_trusted_config
+    from ddtas_lightning.config.validation import ConfigError
     from ddtas_lightning.metrics import compute_retrieval_metrics
     from ddtas_lightning.metrics.cluster_stats import cluster_statistics
+    from ddtas_lightning.runtime.safe_load import load_torch_file
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    check_trusted_config(cfg, str(run_dir / ".hydra" / "config.yaml"))  # it is instantiated below
     ckpt = Path(run.get("best_checkpoint") or run_dir / "checkpoints" / "last.ckpt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    loaded = load_torch_file(ckpt, what=f"{run_dir}: heldout", noun="checkpoint",
+                             expected="a checkpoint written by ddtas_lightning.train")  # weights only
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("state_dict"), dict):
+        raise ConfigError(f"{run_dir}: heldout: {ckpt} is not a Lightning checkpoint (no 'state_dict' entry)")
+    state = loaded["state_dict"]
     model = instantiate(cfg.backbone)
     model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     source = instantiate(cfg.dataset.source)
@@ -102,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no metrics.json under {args.root}", file=sys.stderr)
         return 1
     if args.split == "heldout":
-        for run in runs:
-            run["heldout"] = heldout_metrics(run["dir"], run)
+        from ddtas_lightning.config.validation import ConfigError
+
+        try:
+            for run in runs:
+                run["heldout"] = heldout_metrics(run["dir"], run)
+        except ConfigError as exc:  # an unreadable or unsafe checkpoint / config: one line
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(format_table(summarise(runs, args.split), args.split))
     return 0
 

@@ -20,14 +20,14 @@ callback before Hydra rewrites ``.hydra/config.yaml`` (:mod:`ddtas_lightning.run
 
 Apart from that, only the ``state_dict`` is checked: other checkpoint entries (optimizer, loops, RNG and sampler state)
 are Lightning's and the callbacks' business. The file is opened with ``weights_only=True`` and
-``mmap=True``, so tensors are not read into memory; a checkpoint whose extra entries need a full
-unpickler is not judged here (Lightning loads it as before).
+``mmap=True`` (:mod:`ddtas_lightning.runtime.safe_load`), so tensors are not read into memory; a
+checkpoint whose entries need a full unpickler (any Python object besides tensors and plain values) is
+refused with one error before anything runs: unpickling it could run code (``docs/security.md``).
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ddtas_lightning.config.validation import ConfigError
+from ddtas_lightning.runtime.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -55,46 +56,36 @@ RESUME_MAY_CHANGE = (
     "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "trainer.plugins", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
     "data.eval_batch_size", "metrics.knn_backend",
+    # listed in conf/trainer/default.yaml (so plain overrides work), and not part of the optimisation
+    "trainer.min_epochs", "trainer.min_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
+    "trainer.val_check_interval", "trainer.profiler", "trainer.detect_anomaly", "trainer.enable_model_summary",
+    "trainer.benchmark",
 )
 
 
-def load_state_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
-    """``{key: shape}`` of the checkpoint's ``state_dict``; ``None`` when the file needs a full
-    unpickler (custom entries) and cannot be judged cheaply. Raises ConfigError for an unreadable file
-    or one without a ``state_dict``."""
+def load_state_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the checkpoint's ``state_dict``. Raises ConfigError for an unreadable file, one
+    that needs a full unpickler, or one without a ``state_dict``."""
     ckpt = _load(path)
-    if ckpt is None:
-        return None
     state = ckpt.get("state_dict")
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def load_saved_config(path: str | Path) -> dict | None:
     """The config saved inside the checkpoint (:data:`CONFIG_KEY`); ``None`` for a checkpoint written
-    before configs were saved, or one that cannot be judged cheaply."""
-    ckpt = _load(path)
-    saved = ckpt.get(CONFIG_KEY) if ckpt is not None else None
+    before configs were saved."""
+    saved = _load(path).get(CONFIG_KEY)
     return saved if isinstance(saved, dict) else None
 
 
-def _load(path: str | Path) -> dict | None:
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # mmap needs the zip format (every torch.save since 1.6)
-            if "zip" not in str(e).lower():
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower() and "unsupported global" in str(e).lower():
-            log.debug("ckpt_path %s has entries weights_only=True cannot load; not checked here", path)
-            return None
-        raise ConfigError(f"ckpt_path: cannot read checkpoint {path}: {_first_line(e)}; expected a .ckpt "
-                          "file written by this framework (e.g. <run dir>/checkpoints/last.ckpt)") from None
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise ConfigError(f"ckpt_path: cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}; "
-                          "expected a .ckpt file written by this framework (e.g. <run dir>/checkpoints/"
-                          "last.ckpt)") from None
+CKPT_EXPECTED = "a .ckpt file written by this framework (e.g. <run dir>/checkpoints/last.ckpt)"
+
+
+def _load(path: str | Path) -> dict:
+    """The checkpoint, weights only and memory-mapped (:func:`~ddtas_lightning.runtime.safe_load.load_torch_file`):
+    a file that asks for any other Python object is refused here, before the untrained evaluation, instead
+    of failing inside ``trainer.fit`` (or, with an older torch, running it)."""
+    ckpt = load_torch_file(path, what="ckpt_path", noun="checkpoint", expected=CKPT_EXPECTED, mmap=True)
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(
@@ -201,11 +192,9 @@ def check_resume_config(path: str | Path, cfg: DictConfig) -> None:
 def check_checkpoint_compat(path: str | Path, module: nn.Module, cfg: DictConfig | None = None) -> None:
     """Raise one ConfigError naming ``ckpt_path`` when the checkpoint's state_dict does not fit ``module``
     (the module built from ``cfg``), or ``cfg`` differs from the config saved in the checkpoint where a
-    resume may not change it; a no-op when it fits or cannot be judged cheaply."""
+    resume may not change it; a no-op when it fits."""
     path = Path(path)
     shapes = load_state_shapes(path)
-    if shapes is None:
-        return
     bad = state_mismatches(shapes, module)
     if not any(bad.values()):
         if cfg is not None:
@@ -237,8 +226,3 @@ def _leaves(node, prefix: str) -> dict[str, str]:
             out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: repr(node) if isinstance(node, str) else str(node)}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -84,6 +84,12 @@ def exit_for_signal(exc: SIGTERMException, run_dir: str | Path, overrides: list[
     at = f" at step {step}" if step is not None else ""
     given = [o for o in (overrides or []) if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
     command = " ".join(["python -m ddtas_lightning.train", *given, "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    sweep = study_resume_command()
+    if sweep is not None:  # a trial of an Optuna study: a single-run command would run outside the study
+        print(f"error: stopped by {sig.name}{at}; this run is a trial of an Optuna study (hydra/sweeper=tpe), so "
+              f"resume the study, not the run: re-run the same -m command with the same sweep dir: {sweep} (the "
+              "study continues where it stopped; this trial's parameters run again as a new trial)", file=sys.stderr)
+        return 128 + int(sig)
     if ckpt is not None:
         what = f"stopped by {sig.name}{at}; the state at the signal is saved in {ckpt}. Resume with: {command}"
     else:
@@ -91,3 +97,28 @@ def exit_for_signal(exc: SIGTERMException, run_dir: str | Path, overrides: list[
                 f"{Path(run_dir) / 'checkpoints'}. Resume with: {command}")
     print(f"error: {what}", file=sys.stderr)
     return 128 + int(sig)
+
+
+def study_resume_command() -> str | None:
+    """The command that resumes the Optuna study this job is a trial of (None: not a TPE sweep's job): the
+    sweep's own command-line overrides (``<sweep dir>/multirun.yaml``, written when it started) with
+    ``-m`` and the same ``hydra.sweep.dir``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN or not str(hc.sweeper.get("_target_", "")).endswith("TPESweeper"):
+        return None
+    sweep_dir = str(hc.sweep.dir)
+    given: list[str] = []
+    try:
+        saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        given = [str(o) for o in OmegaConf.select(saved, "hydra.overrides.task", default=[]) or []]
+    except Exception:  # no multirun.yaml: the sweep's overrides are unknown; name the sweep dir at least
+        given = ["<the sweep's overrides>"]
+    given = [o for o in given if not o.startswith("hydra.sweep.dir=")]
+    return " ".join(["python -m ddtas_lightning.train -m", *given, f"hydra.sweep.dir={sweep_dir}"])
