@@ -29,6 +29,7 @@ from ddtas_lightning.report.runs import (
     load_sweep,
 )
 from ddtas_lightning.report.summary import OptunaFamily, comparable, compare
+from ddtas_lightning.runtime.atomic_output import describe_os_error, staged_outputs
 
 DEFAULT_DIR = Path("multirun/threshold_grid")
 
@@ -64,7 +65,7 @@ def load(sweep_args: list[Path]):
     for sweep in sweeps:
         if is_optuna_sweep(sweep):
             study, trials = load_optuna(sweep)
-            families.append(OptunaFamily(sweep, study.get("seed"), trials))
+            families.append(OptunaFamily(sweep, study.get("seed"), trials, str(study.get("sampler") or "TPE")))
         else:
             runs += load_sweep(sweep)
     return sweeps, runs, families
@@ -92,11 +93,16 @@ def run(sweep_args: list[Path], out: Path | None = None, use_wandb: bool = False
         from ddtas_lightning.report.plots import write_plots
     except ImportError as exc:  # matplotlib is optional: the table and report.md do not need it
         print(f"warning: no plots ({exc}); `pip install matplotlib` for them", file=sys.stderr)
-        plots = []
-    else:
-        plots = write_plots(comparison, out_dir)
+        write_plots = None
+    try:  # staged and moved into place together: a full disk leaves no 0-byte report.md (runtime/atomic_output.py)
+        with staged_outputs(out_dir, last=("report.md",)) as staging:
+            staged = write_plots(comparison, staging) if write_plots is not None else []
+            (staging / "report.md").write_text(markdown_report(comparison, staged, staging))
+    except OSError as exc:
+        raise SweepError(f"--out {out_dir}: cannot write the report there ({describe_os_error(exc)}); nothing was "
+                         "kept. Free space or choose a writable directory") from None
+    plots = [out_dir / p.name for p in staged]
     report = out_dir / "report.md"
-    report.write_text(markdown_report(comparison, plots, out_dir))
     print(f"\nreport: {report}" + "".join(f"\nplot:   {p}" for p in plots))
     if use_wandb:
         from ddtas_lightning.report.wandb_summary import log_comparison

@@ -1,4 +1,4 @@
-"""MMSI's semi-global dictionary (spec ``research/mmsi.md`` §2): a per-class FIFO of detached
+"""MMSI's semi-global dictionary (spec ``docs/papers/mmsi.md`` §2): a per-class FIFO of detached
 training embeddings, used as a constant "gallery" by the meta loss.
 
 Layout. One flat store, kept sorted by class (ascending label) and, within a class, by age

@@ -19,6 +19,7 @@ from ddtas_lightning.metrics import RetrievalMetrics
 from ddtas_lightning.metrics.cluster_stats import ClusterStatistics
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.policies.base import StepBatch, ThresholdPolicy
+from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY
 from ddtas_lightning.runtime.checkpointing import restore_buffers, snapshot_buffers
 from ddtas_lightning.runtime.distributed import gather
 
@@ -229,6 +230,8 @@ class DMLModule(pl.LightningModule):
         # miner samples as an uninterrupted one (Lightning does not save RNG state itself).
         checkpoint["miner_generator_state"] = self.generator.get_state()
         checkpoint["rng_states"] = capture_rng_states()
+        if getattr(self, "run_config", None) is not None:  # set by run_dir.ConfigInCheckpoint: the run's config,
+            checkpoint[CONFIG_KEY] = self.run_config      # also in weights-only checkpoints (evaluate.py needs it)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "miner_generator_state" in checkpoint:

@@ -19,12 +19,16 @@ from ddtas_lightning.runtime.errors import (
     task_overrides,
     to_log_files,
 )
-from ddtas_lightning.runtime.signals import SIGTERMException, exit_for_signal
-from ddtas_lightning.runtime.training import train
+
+# Lightning, timm, faiss, wandb are imported when a run starts (in main), not at import time: `--help`
+# and Hydra's own errors (an unknown option, a bad override) print at once (benchmarks/bench_startup.py; tests/test_package_layout.py checks it).
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from ddtas_lightning.runtime.signals import SIGTERMException, exit_for_signal
+    from ddtas_lightning.runtime.training import train
+
     try:
         return train(cfg)
     except SIGTERMException as exc:  # SIGTERM/SIGINT: last.ckpt saved at the signal, exit 143/130

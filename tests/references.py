@@ -1,6 +1,7 @@
 """Slow, obviously-correct references for the losses and miners: one Python loop per anchor (or per
-triplet), written straight from the formulas of the specs (research/ddtas.md §1-§3, research/nspa.md
-§1 and §4, research/ecosystem.md §1.3-§1.4). Tests compare the vectorised code against these; the
+triplet), written straight from the formulas of the specs (docs/papers/ddtas.md §1-§3, docs/papers/nspa.md
+§1 and §4, pytorch-metric-learning's MultiSimilarityMiner / MultiSimilarityLoss and TripletMarginMiner /
+TripletMarginLoss semantics). Tests compare the vectorised code against these; the
 benchmark times them.
 
 Miners work on Python floats (``tolist``), so their comparisons are done in float64; losses use

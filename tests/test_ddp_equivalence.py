@@ -180,6 +180,13 @@ POLICIES = [
         id="mmsi-jvp",
         marks=[pytest.mark.slow, MMSI_MISSING],
     ),
+    # lambda from the global batch's negative-pair quantile (issue 23): every rank sorts the same gathered S
+    pytest.param(
+        ["threshold_policy=target_rate", "loss=soft_contrastive", "miner=asms", "loss.threshold=0.5"],
+        RTOL,
+        id="target_rate",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 

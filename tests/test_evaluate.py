@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from ddtas_lightning.inspect.gallery import gallery_layout
 from tests.test_train_cli import REPO, run_cli
 
 N_WORST, N_RANDOM, TOP_K, THUMB = 3, 2, 4, 40
@@ -28,7 +29,7 @@ def trained(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "swigfaiss" not in proc.stdout + proc.stderr  # the faiss loader's fallback lines are silenced
     assert "\r" not in proc.stdout  # not a terminal: progress lines, no bar frames
-    assert "== config ==" in proc.stdout and (tmp / "run" / "config_tree.yaml").is_file()
+    assert "== config (the whole tree: " in proc.stdout and (tmp / "run" / "config_tree.yaml").is_file()
     return tmp
 
 
@@ -78,12 +79,13 @@ def test_gallery_and_map_are_images_of_the_expected_size(evaluated):
         assert all(n["correct"] == (n["label"] == r["label"]) for n in r["neighbours"])
     with Image.open(evaluated / "inspect" / "gallery.png") as im:
         im.verify()
+    lay = gallery_layout(TOP_K, THUMB, len(rows))  # a header, then one row of tiles + 2 caption lines per query
     with Image.open(evaluated / "inspect" / "gallery.png") as im:
-        assert im.size == ((TOP_K + 1) * THUMB, len(rows) * (THUMB + 14))
+        assert im.size == (max((TOP_K + 1) * THUMB, 560), lay["header"] + len(rows) * (THUMB + lay["caption"]))
         # every tile's frame: blue for the query, green / red as its neighbour is right / wrong
         px = im.convert("RGB")
         for i, r in enumerate(rows):
-            y = i * (THUMB + 14) + 1
+            y = lay["header"] + i * (THUMB + lay["caption"]) + 1
             assert px.getpixel((1, y)) == (40, 90, 200)
             for j, n in enumerate(r["neighbours"]):
                 assert px.getpixel(((j + 1) * THUMB + 1, y)) == ((34, 160, 60) if n["correct"] else (210, 40, 40))
@@ -92,6 +94,11 @@ def test_gallery_and_map_are_images_of_the_expected_size(evaluated):
         assert len(set(im.convert("RGB").getdata())) > 10  # not blank
     page = (evaluated / "inspect" / "gallery.html").read_text()
     assert page.count("src='data:image/jpeg;base64,") == len(rows) * (TOP_K + 1)  # self-contained
+    # the header names what was evaluated: checkpoint, dataset, split, metrics; and the colour legend
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    for fact in (f"<td>{metrics['checkpoint']}</td>", "<td>synthetic</td>", "<td>test</td>",
+                 f"R@1 {100 * metrics['test']['test/R@1']:.2f}", "neighbour of another class"):
+        assert fact in page, fact
 
 
 def readme_query_example(export_dir: Path, k: int) -> tuple[np.ndarray, np.ndarray]:

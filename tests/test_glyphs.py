@@ -106,7 +106,7 @@ def test_invalid_arguments(tmp_path):
 
 
 def test_training_run_on_glyphs(tiny_cfg, one_thread):
-    cfg = tiny_cfg("dataset=glyphs", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+    cfg = tiny_cfg("dataset=glyphs", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                    "trainer.check_val_every_n_epoch=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")
     r1 = train(cfg)
     assert 0.0 <= r1 <= 1.0

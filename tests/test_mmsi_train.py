@@ -1,6 +1,6 @@
 """threshold_policy=mmsi / pair_weight through the train entry point: fast_dev_runs, the P_m x 1 meta
 batch, the memory restored on resume, and the MMSI recipes (conf/experiment/mmsi_*.yaml, spec
-research/mmsi.md §3, §4)."""
+docs/papers/mmsi.md §3, §4)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fast_dev_run(tiny_cfg, *overrides):
-    cfg = tiny_cfg("+trainer.fast_dev_run=true", "trainer.accelerator=cpu", *overrides)
+    cfg = tiny_cfg("trainer.fast_dev_run=true", "trainer.accelerator=cpu", *overrides)
     r1 = train(cfg)
     return r1, json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())
 
@@ -73,7 +73,7 @@ def test_resume_restores_the_memory(tmp_path, data_dir):
         return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
     train(cfg("full"))
-    train(cfg("part", "+trainer.max_steps=3"))
+    train(cfg("part", "trainer.max_steps=3"))
     part = final_state("part")
     train(cfg("part", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"))
     a, b = final_state("full"), final_state("part")

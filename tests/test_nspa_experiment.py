@@ -1,4 +1,4 @@
-"""The NSPA recipes (conf/experiment/nspa_*.yaml, spec research/nspa.md): what they resolve to, the four
+"""The NSPA recipes (conf/experiment/nspa_*.yaml, spec docs/papers/nspa.md): what they resolve to, the four
 strategies of the study (conf/miner/nspa*.yaml) differing only in the policy, a fast_dev_run of the synthetic
 experiment with the cluster statistics in metrics.json, and the study summary
 (ddtas_lightning.nspa_report)."""
@@ -38,7 +38,7 @@ SMALL = [
     "dataset.source.points_per_class=40",
     "dataset.source.train_points_per_class=30",
     "data.eval_batch_size=64",
-    "+trainer.fast_dev_run=true",
+    "trainer.fast_dev_run=true",
     "trainer.accelerator=cpu",
 ]
 

@@ -1,4 +1,4 @@
-"""experiment=nspa_gaussian_clusters_raw: the NSPA paper's own setting (research/nspa.md §1.5): un-normalised
+"""experiment=nspa_gaussian_clusters_raw: the NSPA paper's own setting (docs/papers/nspa.md §1.5): un-normalised
 ReLU embeddings, a squared-L2 triplet loss, plain-L2 mining, margin 0.4, everything else as
 experiment=nspa_gaussian_clusters. What it resolves to, and a fast_dev_run whose embeddings are raw."""
 

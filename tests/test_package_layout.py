@@ -114,3 +114,22 @@ def test_light_imports_pull_no_heavy_framework(module):
             "'hydra', 'wandb') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import {module} loads {out.stdout.strip()}"
+
+
+# What each command may not load before it runs (issue 22: `--help` took 13-25 s). torch is allowed where the
+# command's own module needs it at import (cached_features' arrays); data.prepare (downloads, unpacking) not.
+HEAVY = ("lightning", "pytorch_lightning", "timm", "faiss", "wandb", "optuna", "matplotlib", "torchvision", "sklearn")
+
+
+@pytest.mark.parametrize("module, also_not", [
+    ("ddtas_lightning.train", ("torch",)), ("ddtas_lightning.evaluate", ("torch",)),
+    ("ddtas_lightning.compare", ("torch",)), ("ddtas_lightning.study", ("torch",)),
+    ("ddtas_lightning.nspa_report", ("torch",)), ("ddtas_lightning.data.prepare", ("torch", "hydra")),
+    ("ddtas_lightning.data.cached_features", ()),
+])
+def test_commands_import_no_heavy_framework_before_they_run(module, also_not):
+    # Speed is measured, not asserted: benchmarks/bench_startup.py times each `--help`.
+    names = HEAVY + also_not
+    code = f"import sys, {module}; print(','.join(m for m in {names!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import {module} loads {out.stdout.strip()} (import it where it is used)"

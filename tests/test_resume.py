@@ -35,7 +35,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tiny_cfg, tmp_pat
     train(full)
     # Stop after the first epoch (3 steps) of the same 3-epoch run, as a kill would: changing max_epochs
     # instead would change the cosine schedule's T_max.
-    first = cfg("part", "trainer.max_epochs=3", "+trainer.max_steps=3")
+    first = cfg("part", "trainer.max_epochs=3", "trainer.max_steps=3")
     train(first)
     resumed = cfg("part", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}")
     train(resumed)
@@ -81,7 +81,7 @@ def resumed_equals_uninterrupted(tmp_path, data_dir, overrides: list[str], tiny:
                               f"paths.output_dir={tmp_path / run}", *extra], tmp_path, data_dir)
 
     train(cfg("full"))
-    train(cfg("part", "+trainer.max_steps=7"))
+    train(cfg("part", "trainer.max_steps=7"))
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 7
     train(cfg("part", f"ckpt_path={ckpt}"))

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from ddtas_lightning import checkpointing
+from ddtas_lightning.runtime import checkpointing
 from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY
 from ddtas_lightning.runtime.checkpointing import CheckpointWriteError
 from ddtas_lightning.runtime.errors import exit_code_for

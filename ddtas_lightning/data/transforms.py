@@ -14,11 +14,21 @@ All transforms are picklable (DataLoader workers under spawn/forkserver).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms.functional import pil_to_tensor
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
+# torchvision (2 s: it loads torch._dynamo) is imported where a transform is built or applied, not with this
+# module: the vector datasets and `python -m ddtas_lightning.data.cached_features --help` need none of it.
+
+
+def _tv():
+    from torchvision import transforms
+
+    return transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +41,7 @@ def _pair(x: Sequence[float]) -> tuple[float, float]:
 
 
 def _interp(name: str) -> T.InterpolationMode:
-    return T.InterpolationMode(name.lower())
+    return _tv().InterpolationMode(name.lower())
 
 
 class ToBGR255:
@@ -59,10 +69,12 @@ class ToNormalizedTensor:
 
     def __call__(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image) and image.mode == "RGB":
+            from torchvision.transforms.functional import pil_to_tensor
+
             x = pil_to_tensor(image).contiguous()  # a (3, H, W) view of H x W x 3 pixels: copy it dense first
             x = (x.flip(-3) if self.bgr_255 else x).to(torch.float32).div_(255)
         else:
-            x = T.functional.to_tensor(image)
+            x = _tv().functional.to_tensor(image)
             x = x.flip(-3) if self.bgr_255 else x
         if self.bgr_255:
             x.mul_(255.0)
@@ -93,6 +105,7 @@ class SimpleTransform(TransformPair):
     def __init__(self, image_size: int = 64, scale: Sequence[float] = (0.7, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        T = _tv()
         norm = [ToNormalizedTensor(mean, std)]
         flip = [T.RandomHorizontalFlip()] if hflip else []
         self.image_size = int(image_size)
@@ -115,6 +128,7 @@ class ImageNetTransform(TransformPair):
         self.image_size, self.resize = int(image_size), int(resize)
         if self.resize < self.image_size:
             raise ValueError(f"transform.resize: resize={resize} must be >= image_size={image_size}")
+        T = _tv()
         mode = _interp(interpolation)
         tail = self._tensor_tail(mean, std)
         flip = [T.RandomHorizontalFlip()] if hflip else []

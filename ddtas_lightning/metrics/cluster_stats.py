@@ -1,7 +1,7 @@
 """NSPA's cluster statistics: geometric summaries of how well the classes separate in the embedding space.
 
 Kertész, "Deep Metric Learning Using Negative Sampling Probability Annealing", Sensors 2022 (spec
-research/nspa.md §2.2; the author's ``src/ClusterAnalysis.py``). Not silhouette, Davies-Bouldin or
+docs/papers/nspa.md §2.2; the author's ``src/ClusterAnalysis.py``). Not silhouette, Davies-Bouldin or
 Calinski-Harabasz. All distances are L2 between the embeddings as given (unit vectors for this project's
 backbones, so distances lie in [0, 2]). With ``c_i`` the mean of class i, ``n_i`` its size:
 

@@ -1,4 +1,4 @@
-"""A smooth relaxation of ASMS (spec ``research/ddtas.md`` §1.1) so that its margin m can receive a
+"""A smooth relaxation of ASMS (spec ``docs/papers/ddtas.md`` §1.1) so that its margin m can receive a
 (meta-)gradient. Pure torch.
 
 Hard ASMS keeps positive j of anchor i iff ``S_ij < maxN_i + gamma_pos`` and negative j iff

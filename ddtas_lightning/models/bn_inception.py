@@ -1,7 +1,7 @@
 """BN-Inception (Inception v2 with batch normalisation; Ioffe & Szegedy, ICML 2015), registered with timm
 as ``bninception``.
 
-This is the backbone of the MS-loss, MMSI and DDTAS code (spec ``research/ddtas.md`` §4): the Caffe model
+This is the backbone of the MS-loss, MMSI and DDTAS code (spec ``docs/papers/ddtas.md`` §4): the Caffe model
 converted to PyTorch and distributed by Cadene's ``pretrainedmodels`` as ``bn_inception-52deb4733.pth``.
 The parameter names here are exactly that file's state-dict keys (``conv1_7x7_s2.weight``,
 ``conv1_7x7_s2_bn.running_mean``, ``inception_3a_1x1.weight``, ..., ``last_linear.weight``), so the file

@@ -1,6 +1,6 @@
 """Meta-learned loss threshold: DDTAS's Online Threshold Generator (OTG) in the form the paper
 describes (Jiang et al., "Dual Dynamic Threshold Adjustment Strategy", ACM TOMM 2024; spec
-``research/ddtas.md`` §2.1 and §2.3, ``threshold`` mode).
+``docs/papers/ddtas.md`` §2.1 and §2.3, ``threshold`` mode).
 
 One step (``granularity="scalar"``: one lambda; ``"pos_neg"``: (lambda_pos, lambda_neg);
 ``"per_anchor"``: one lambda, differentiated as one copy per anchor, see :class:`MetaThreshold`):

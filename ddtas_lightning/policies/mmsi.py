@@ -1,5 +1,5 @@
 """MMSI: Meta-Mining Strategy with Semi-global Information (Jiang, Liu, Dai, Hu, Huang, Yao, Xie,
-Shao, IEEE TNNLS 35(4), 2024; spec ``research/mmsi.md`` §1, §2).
+Shao, IEEE TNNLS 35(4), 2024; spec ``docs/papers/mmsi.md`` §1, §2).
 
 Per-pair weights learned by one-step look-ahead meta-learning (the machinery of
 :mod:`ddtas_lightning.policies.pair_weights`), with the meta batch (P_m classes x 1 image, drawn

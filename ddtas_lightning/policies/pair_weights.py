@@ -1,5 +1,5 @@
 """Meta-learned per-pair weights ("learning to reweight" the mined pairs): the weight generator of
-the DDTAS code (``threshold_policy=pair_weight``, spec ``research/mmsi.md`` §2 "DDTAS comparison")
+the DDTAS code (``threshold_policy=pair_weight``, spec ``docs/papers/mmsi.md`` §2 "DDTAS comparison")
 and the shared machinery of MMSI (:mod:`ddtas_lightning.policies.mmsi`, spec §1).
 
 One step:

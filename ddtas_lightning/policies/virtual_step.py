@@ -1,5 +1,5 @@
 """Virtual-step machinery shared by the meta-learning policies (DDTAS's learned loss threshold,
-MMSI's per-pair weights): spec ``research/ddtas.md`` §2.3 and ``research/mmsi.md`` §1.
+MMSI's per-pair weights): spec ``docs/papers/ddtas.md`` §2.3 and ``docs/papers/mmsi.md`` §1.
 
 Notation. theta = the model's trainable parameters, x_t / x_m = train / meta batch,
 S(theta) = the quantity the train loss head reads (the B x M similarity matrix of the train batch),

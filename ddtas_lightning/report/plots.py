@@ -27,12 +27,29 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
 
 from ddtas_lightning.report.stats import t_interval  # noqa: E402
 from ddtas_lightning.report.summary import ArmSummary, Comparison, adapts_margin, learns_lambda  # noqa: E402
 
 SMOOTH = 10  # steps of the moving average of the AT-ASMS curves
+
+
+def _legend_below(ax, fontsize: float = 7) -> None:
+    """The legend under the axes (saved with ``bbox_inches="tight"``), so long arm names never cover the
+    data or run off the figure; two columns when there are many entries."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        height_in = ax.get_position().height * ax.figure.get_figheight()
+        below = 0.7 / max(height_in, 0.5)  # clear of the tick labels and the x label: ~0.7 inch
+        ax.legend(handles, labels, fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -below),
+                  ncol=2 if len(labels) > 4 else 1, frameon=False)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the legends below the axes included
+    plt.close(fig)
+    return path
 
 
 def _colors(arms: list[ArmSummary]) -> dict[str, str]:
@@ -83,12 +100,9 @@ def plot_r1_vs_threshold(c: Comparison, path: Path) -> Path | None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test R@1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     fig.suptitle("Static grid (mean ± std over seeds) vs dynamic runs (dashed, ± std band)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8,
@@ -98,11 +112,8 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_si
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3, which=which)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _legend_below(ax, legend_size)
+    return _save(fig, path)
 
 
 def _seed_mean(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
@@ -165,12 +176,9 @@ def plot_at_asms_curves(c: Comparison, path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     fig.suptitle(f"AT-ASMS over training (mean over seeds, moving average of {SMOOTH} steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _t_half(values: list[float]) -> float:
@@ -238,9 +246,23 @@ def plot_val_vs_test(c: Comparison, path: Path) -> Path | None:
         ys = [y for _, y, k in points if k == kind]
         if xs:
             ax.scatter(xs, ys, marker=marker, alpha=0.7, label=kind)
-    rho = spearmanr([x for x, _, _ in points], [y for _, y, _ in points]).statistic
+    seeds = {r.seed for r, _ in runs if r.seed is not None}
+    rho = spearman_text([x for x, _, _ in points], [y for _, y, _ in points], len(seeds))
     return _finish(fig, ax, path, "validation R@1 (%) of the selected checkpoint", "test R@1 (%)",
-                   f"Does the validation pick transfer? Spearman ρ = {rho:.2f} ({len(points)} runs)", title_size=9)
+                   f"Does the validation pick transfer? Spearman ρ {rho} ({len(points)} runs)", title_size=9)
+
+
+def spearman_text(xs: list[float], ys: list[float], seeds: int) -> str:
+    """``= 0.83``, or ``n/a (...)`` and why: fewer than 3 points, or a side with one value (scipy would warn
+    ConstantInputWarning and return NaN)."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3:
+        return f"n/a ({len(xs)} runs)"
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        why = "1 seed, " if seeds == 1 else ""
+        return f"n/a ({why}{'validation' if len(set(xs)) < 2 else 'test'} R@1 constant)"
+    return f"= {spearmanr(xs, ys).statistic:.2f}" + (" (1 seed)" if seeds == 1 else "")
 
 
 def write_plots(c: Comparison, out_dir: Path) -> list[Path]:

@@ -18,6 +18,11 @@ VERSUS_HEADER = ("dynamic arm", "test R@1 %", "ΔR@1 vs grid [95% t]", "verdict"
                  "ΔR@1 bootstrap [95%]", "CPU s/run", "grid / run", "seeds for ±1")
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 seed``, ``3 seeds``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _passes(stat: Stat) -> str:
     if math.isnan(stat.mean):
         return "n/a"
@@ -44,7 +49,7 @@ def versus_rows(c: Comparison) -> list[tuple[str, ...]]:
 
 def _pick_line(p: GridPick) -> str:
     return (f"{p.label()}: test R@1 {p.metric('R@1').fmt(100)}, MAP@R {p.metric('MAP@R').fmt(100)} "
-            f"({len(p.by_seed)} seeds; picking costs {p.runs_needed} runs, {p.cost_cpu_s:.0f} CPU s)")
+            f"({plural(len(p.by_seed), 'seed')}; picking costs {plural(p.runs_needed, 'run')}, {p.cost_cpu_s:.0f} CPU s)")
 
 
 def headline_lines(c: Comparison) -> list[str]:
@@ -69,7 +74,7 @@ def versus_lines(c: Comparison) -> list[str]:
     for v in c.versus:
         lines.append(
             f"dynamic {v.arm.label}: ΔR@1 {v.r1.fmt()} points, {v.r1.verdict}; ΔMAP@R {v.map_r.fmt()}, "
-            f"{v.map_r.verdict} (paired over {v.r1.n} seeds vs {head.name if head else 'n/a'}); one run "
+            f"{v.map_r.verdict} (paired over {plural(v.r1.n, 'seed')} vs {head.name if head else 'n/a'}); one run "
             f"{v.arm.cpu.fmt(digits=0)} CPU s, the grid costs {v.compute_ratio:.1f}x that per seed"
             + (f"; ±1 point would need ~{v.seeds_needed} seeds" if v.seeds_needed and v.r1.n >= 2 else ""))
     return lines
@@ -81,10 +86,12 @@ def optuna_lines(c: Comparison) -> list[str]:
     for fam in c.optuna:
         curve = fam.best_so_far()
         if not curve:
-            lines.append(f"TPE {fam.sweep.name} (seed {fam.seed}): no finished trial")
+            lines.append(f"{fam.name} {fam.sweep.name} (seed {fam.seed}): no finished trial")
             continue
         spent, val, test, best = curve[-1]
-        lines.append(f"TPE {fam.sweep.name} (seed {fam.seed}): {len(curve)} trials, {spent:.0f} CPU s; "
+        finished = sum(1 for r in fam.trials if r.ok or r.pruned)
+        pruned = f" ({len(fam.pruned)} pruned)" if fam.pruned else ""
+        lines.append(f"{fam.name} {fam.sweep.name} (seed {fam.seed}): {finished} trials{pruned}, {spent:.0f} CPU s; "
                      f"validation-best trial {best.path.name} (λ {best.loss_threshold:.3f}"
                      + (f", m {best.margin:.3f}" if best.margin is not None else "")
                      + f"): val R@1 {100 * val:.1f}, test R@1 {100 * test:.1f}")

@@ -50,7 +50,17 @@ def find_sweep(path: Path) -> Path:
                          "`make sweep` makes multirun/threshold_grid/...)")
     if not path.is_dir():
         raise SweepError(f"{path} is not a directory (expected a sweep dir, multirun/<task_name>/<date>_<time>)")
-    if (path / SWEEP_MARKER).is_file() or run_dirs(path):
+    if (path / SWEEP_MARKER).is_file():
+        return path
+    jobs = run_dirs(path)
+    if jobs:
+        single = [p for p in jobs if _hydra_mode(p) == "RUN"]
+        if single or not any(p.name.isdigit() for p in jobs):
+            raise SweepError(
+                f"{path} holds single runs ({len(jobs)}, e.g. {jobs[0].name}), not a sweep: compare reads one Hydra "
+                "multirun (multirun/<task_name>/<date>_<time>, with multirun.yaml and one numbered dir per job, made "
+                "by `python -m ddtas_lightning.train -m ...` or `make sweep`), whose jobs differ only in the swept "
+                "values; separate runs may differ in loss, miner, data or length and are no grid")
         return path
     if not any(path.iterdir()):
         raise SweepError(f"{path} is empty: no sweep to compare (start one with `make sweep`)")
@@ -62,6 +72,12 @@ def find_sweep(path: Path) -> Path:
                          "(multirun/<task_name>/<date>_<time>, made by `train -m`)")
     raise SweepError(f"{path} is not a Hydra sweep: no {SWEEP_MARKER} and no job sub-directories with "
                      "metrics.json or .hydra/ (expected multirun/<task_name>/<date>_<time>)")
+
+
+def _hydra_mode(run: Path) -> str | None:
+    """``hydra.mode`` of a job dir (``RUN`` for a single run, ``MULTIRUN`` for a sweep's job), or None."""
+    mode = _select(_load_yaml(run / ".hydra" / "hydra.yaml"), "hydra.mode")
+    return None if mode is None else str(mode).rsplit(".", 1)[-1]
 
 
 def _load_yaml(path: Path) -> DictConfig | None:
@@ -156,8 +172,14 @@ class Run:
         else:
             cause = _last_error_line(path)
             error = "no metrics.json (the run failed or did not finish)" + (f": {cause}" if cause else "")
-        if metrics is not None and "overrides" in metrics:
-            overrides = metrics["overrides"]
+        record = metrics
+        if metrics is not None and metrics.get("status") == "not_trained":  # every update skipped: failed
+            error = f"not trained: {metrics.get('error') or 'every update was skipped (non-finite)'}"
+            metrics = None
+        elif metrics is not None and metrics.get("status") == "pruned":  # metrics kept: its compute counts
+            error = f"pruned by the Optuna study at validation {(metrics.get('pruned') or {}).get('at_validation')}"
+        if record is not None and "overrides" in record:
+            overrides = record["overrides"]
         else:
             listed = _load_any(hydra_dir / "overrides.yaml")
             overrides = OmegaConf.to_container(listed) if isinstance(listed, ListConfig) else []
@@ -165,7 +187,13 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return self.metrics is not None
+        """Finished with a result (a pruned trial's metrics.json records only its compute and validations)."""
+        return self.metrics is not None and not self.pruned
+
+    @property
+    def pruned(self) -> bool:
+        """A trial an Optuna pruner stopped (``"status": "pruned"``; hydra.sweeper.pruner)."""
+        return self.metrics is not None and self.metrics.get("status") == "pruned"
 
     @property
     def seed(self) -> int | None:
@@ -280,20 +308,30 @@ class Run:
         try:
             import numpy as np
 
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:  # object arrays are pickles: refused
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError):
             return None
 
     @property
+    def loss(self) -> str | None:
+        """The loss class (``MultiSimilarityLoss``; a PML loss with its name: ``PMLLoss(ArcFaceLoss)``)."""
+        choices = (self.metrics or {}).get("choices", {})
+        loss = choices.get("loss") or class_name(_select(self.config, "loss._target_"))
+        name = _select(self.config, "loss.name")
+        return f"{loss}({name})" if loss and isinstance(name, str) and loss.startswith("PML") else loss
+
+    @property
     def protocol(self) -> tuple:
-        """What must be equal for two runs to be compared: dataset, backbone, run length."""
+        """What must be equal for two runs to be compared: dataset, backbone, run length, loss (arms differ
+        in thresholds, miners and policies; runs of another loss, e.g. ArcFace or NSPA's triplet loss beside
+        MS, are no points of the same grid)."""
         choices = (self.metrics or {}).get("choices", {})
         dataset = choices.get("dataset") or _select(self.config, "dataset.name")
         backbone = choices.get("backbone") or _select(self.config, "backbone.model_name")
         length = tuple(_select(self.config, k) for k in ("trainer.max_epochs", "trainer.max_steps",
                                                           "data.batches_per_epoch"))
-        return dataset, backbone, length
+        return dataset, backbone, length, self.loss
 
     @cached_property
     def curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -356,19 +394,41 @@ def _key_value(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+LABEL_VALUE_CHARS = 14  # an override's value in an arm label, at most (longer: cut with "…")
+
+
+def _short(override: str, keys: set[str]) -> str:
+    """``loss.threshold=0.3`` -> ``threshold=0.3``: the key's last part, unless another varying key of the
+    sweep ends the same way; a long value cut to :data:`LABEL_VALUE_CHARS`."""
+    key, value = _key_value(override)
+    last = key.rsplit(".", 1)[-1]
+    name = last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+    if len(value) > LABEL_VALUE_CHARS:
+        value = value[:LABEL_VALUE_CHARS - 1] + "…"
+    return f"{name}={value}"
+
+
 def group_arms(runs: list[Run]) -> list[Arm]:
     """Groups runs whose overrides differ only in ``seed``; an arm's label is what sets it apart from the
-    other arms (``arm=meta`` -> ``meta``), in the order the sweep ran them."""
+    other arms, abbreviated (``arm=meta`` -> ``meta``, ``loss.threshold=0.3`` -> ``threshold=0.3``, long
+    values cut; the full overrides when that would make two labels equal), in the order the sweep ran them."""
     keyed = [(r, tuple(sorted(o for o in r.overrides if _key_value(o)[0] != "seed"))) for r in runs]
     common = set.intersection(*(set(k) for _, k in keyed)) if keyed else set()
+    varying = {_key_value(o)[0] for _, k in keyed for o in k if o not in common}
     arms: dict[tuple[str, ...], Arm] = {}
+    full: dict[tuple[str, ...], str] = {}
     for run, key in keyed:
         distinct = [o for o in run.overrides if o not in common and _key_value(o)[0] != "seed"]
         if distinct and all(_key_value(o)[0] == "arm" for o in distinct):
             label = " ".join(_key_value(o)[1] for o in distinct)
         else:
-            label = " ".join(distinct) or "(all runs)"
+            label = " ".join(_short(o, varying) for o in distinct) or "(all runs)"
+        full.setdefault(key, " ".join(distinct) or "(all runs)")
         arms.setdefault(key, Arm(label, [])).runs.append(run)
+    labels = [a.label for a in arms.values()]
+    for key, arm in arms.items():
+        if labels.count(arm.label) > 1:  # abbreviations that collide: the full overrides
+            arm.label = full[key]
     return list(arms.values())
 
 

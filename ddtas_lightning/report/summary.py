@@ -166,19 +166,35 @@ class Versus:
 
 @dataclass
 class OptunaFamily:
-    """The trials of one TPE study (one training seed), in trial order."""
+    """The trials of one Optuna study (one training seed), in trial order: TPE, or a grid; with a pruner, its
+    pruned trials are no candidates but their compute counts."""
 
     sweep: Path
     seed: int | None
     trials: list[Run]
+    sampler: str = "TPE"
+
+    @property
+    def pruned(self) -> list[Run]:
+        return [r for r in self.trials if r.pruned]
+
+    @property
+    def name(self) -> str:
+        """``TPE``, ``Grid``; ``+ pruning`` when some trial was pruned."""
+        return self.sampler + (" + pruning" if self.pruned else "")
 
     def best_so_far(self) -> list[tuple[float, float, float, Run]]:
-        """After each finished trial: (cumulative CPU s, best validation R@1 so far, that trial's test R@1, it)."""
+        """After each finished trial (complete or pruned, once one completed): (cumulative CPU s, best validation
+        R@1 so far, that trial's test R@1, it). A pruned trial adds its CPU seconds but is never the pick."""
         out, spent, best = [], 0.0, None
         for run in self.trials:
-            if not run.ok:
+            if not (run.ok or run.pruned):
                 continue
             spent += 0.0 if math.isnan(run.cpu_s) else run.cpu_s
+            if not run.ok:
+                if best is not None:
+                    out.append((spent, best.val_metric("R@1"), best.metric("R@1"), best))
+                continue
             if best is None or run.val_metric("R@1") > best.val_metric("R@1"):
                 best = run
             out.append((spent, best.val_metric("R@1"), best.metric("R@1"), best))
@@ -295,7 +311,7 @@ def versus(arm: ArmSummary, pick: GridPick) -> Versus:
 
 
 def comparable(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, str]]]:
-    """The runs of the most common protocol (dataset, backbone, run length); the others, with why."""
+    """The runs of the most common protocol (dataset, backbone, run length, loss); the others, with why."""
     finished = [r for r in runs if r.ok]
     if not finished:
         return runs, []
@@ -308,7 +324,7 @@ def comparable(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, str]]]:
         if not r.ok or r.protocol == main:
             keep.append(r)
             continue
-        what = [f"{n} {a!r} (the sweep's: {b!r})" for n, a, b in zip(("dataset", "backbone", "run length"),
+        what = [f"{n} {a!r} (the sweep's: {b!r})" for n, a, b in zip(("dataset", "backbone", "run length", "loss"),
                                                                        r.protocol, main) if a != b]
         excluded.append((r, "not comparable: " + ", ".join(what)))
     return keep, excluded

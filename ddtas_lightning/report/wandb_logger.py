@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,11 @@ def wandb_logger(
     sweep, job_name, choices = _hydra_job()
     task = config.get("task_name") or "train"
     os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(
+    if "settings" not in kwargs and not sys.stderr.isatty():
+        # Output that is not a terminal (a log file, SLURM): W&B's essential lines only (where the run is
+        # saved), not its banner, run-history sparklines and footer.
+        kwargs["settings"] = wandb.Settings(quiet=True)
+    logger = WandbLogger(
         project=project,
         save_dir=save_dir,
         offline=False,  # Lightning's offline=True rewrites WANDB_MODE for the whole process; mode= does not
@@ -104,3 +109,19 @@ def wandb_logger(
         log_model=log_model,
         **kwargs,
     )
+    # Lightning always passes `anonymous` (None when not asked for), which W&B >= 0.19 answers with
+    # "WARNING The anonymous setting has no effect and will be removed" at every run: leave it out.
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return logger
+
+
+def finish_wandb(loggers) -> None:
+    """Finish the W&B run of a training run that ended normally, while its output streams are the run's own:
+    left to W&B's exit hook, its footer came out after the process's streams were taken down, on stdout,
+    with its terminal colour codes."""
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is not None:
+            run.finish()

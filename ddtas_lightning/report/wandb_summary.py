@@ -49,7 +49,7 @@ def log_comparison(c: Comparison, plots: list[Path], out_dir: Path, mode: str | 
     if wandb.run is not None:
         wandb.finish()
     run = wandb.init(project=project, group=sweep_group(c), job_type="compare", name=f"compare-{c.sweep.name}",
-                     tags=["comparison"], dir=str(out_dir), mode=resolve_mode(mode), reinit=True,
+                     tags=["comparison"], dir=str(out_dir), mode=resolve_mode(mode),  # any run was finished above
                      config={"sweep": str(c.sweep), "optuna_sweeps": [str(f.sweep) for f in c.optuna]})
     try:
         run.log({"arms": wandb.Table(columns=list(ARM_HEADER), data=[list(r) for r in arm_rows(c)]),

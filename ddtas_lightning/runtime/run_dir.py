@@ -176,6 +176,11 @@ class ConfigInCheckpoint(pl.Callback):
     def __init__(self, cfg: DictConfig) -> None:
         self.config = OmegaConf.to_container(cfg, resolve=False)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Weights-only checkpoints (the best one) skip callbacks' on_save_checkpoint; the module writes
+        # the config into those (DMLModule.on_save_checkpoint).
+        pl_module.run_config = self.config
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         from ddtas_lightning.runtime.checkpoint_compat import CONFIG_KEY
 

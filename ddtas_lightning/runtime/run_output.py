@@ -30,14 +30,115 @@ def config_tree(cfg: DictConfig) -> str:
 
 
 def show_config(cfg: DictConfig, output_dir: Path, enabled: bool | None = None) -> Path:
-    """Print :func:`config_tree` (unless ``print_config: false``) and save it as ``config_tree.yaml``
-    in the run dir (Hydra's ``.hydra/config.yaml`` keeps the unresolved one)."""
+    """Save :func:`config_tree` as ``config_tree.yaml`` in the run dir (Hydra's ``.hydra/config.yaml`` keeps
+    the unresolved one) and print it with ``print_config: true``; otherwise print :func:`config_summary`."""
     text = config_tree(cfg)
     path = Path(output_dir) / "config_tree.yaml"
     path.write_text(text)
-    if (cfg.get("print_config", True) if enabled is None else enabled) and _is_rank_zero():
+    if not _is_rank_zero():
+        return path
+    if cfg.get("print_config", False) if enabled is None else enabled:
         print("== config ==\n" + text, flush=True)
+    else:
+        print(f"== config (the whole tree: {path}; print_config=true prints it) ==\n" + config_summary(cfg),
+              flush=True)
     return path
+
+
+def _choices() -> dict:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except (ImportError, ValueError):  # not under a Hydra app (tests call train() directly)
+        return {}
+
+
+def _cls(node) -> str:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return str(target).rsplit(".", 1)[-1] if target else "-"
+
+
+def _sel(cfg: DictConfig, key: str, default="-"):
+    try:
+        value = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
+    except Exception:  # an interpolation only a Hydra app resolves
+        return default
+    return default if value is None else value
+
+
+def config_summary(cfg: DictConfig) -> str:
+    """A few lines: the chosen option of every config group, then the values that define the run."""
+    choices = {k: v for k, v in _choices().items()
+               if not k.startswith("hydra") and k not in ("paths", "local") and v is not None}
+    order = [*TREE_ORDER, "experiment", "debug", "hparams_search"]
+    ordered = sorted(choices, key=lambda k: order.index(k) if k in order else len(order))
+    groups = " ".join(f"{k}={choices[k]}" for k in ordered) or " ".join(
+        f"{g}={_cls(cfg.get(g))}" for g in ("dataset", "backbone", "loss", "miner", "threshold_policy", "optimizer"))
+    trainer, data = cfg.get("trainer") or {}, cfg.get("data") or {}
+    bs, k = _sel(cfg, "data.batch_size"), _sel(cfg, "data.K")
+    per = f"{bs // k} classes x {k}" if isinstance(bs, int) and isinstance(k, int) and k else "?"
+    lines = [
+        f"groups   {groups}",
+        f"data     {_sel(cfg, 'dataset.name')}, {_sel(cfg, 'dataset.image_size')} px, batch {bs} = {per}, "
+        f"selection={data.get('selection', '-')}, workers {data.get('num_workers', '-')}",
+        f"model    {_sel(cfg, 'backbone.model_name')}, {_sel(cfg, 'backbone.dim')}-d, "
+        f"pretrained={_sel(cfg, 'backbone.pretrained')}",
+        f"loss     {_cls(cfg.get('loss'))} (λ {_sel(cfg, 'loss.threshold')}), miner {_cls(cfg.get('miner'))}, "
+        f"policy {_cls(cfg.get('threshold_policy'))}",
+        f"optim    {_cls(cfg.get('optimizer'))} lr {_sel(cfg, 'optimizer.lr')}, scheduler {_cls(cfg.get('scheduler'))}",
+        f"trainer  max_epochs {trainer.get('max_epochs', '-')}, max_steps {trainer.get('max_steps', '-')}, "
+        f"validate every {trainer.get('check_val_every_n_epoch', '-')} epoch(s), "
+        f"accelerator {trainer.get('accelerator', '-')}, precision {trainer.get('precision', '-')}",
+        f"run      seed {cfg.get('seed', '-')}, tags {list(cfg.get('tags') or [])}, "
+        f"output {_sel(cfg, 'paths.output_dir')}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- third-party noise, each silenced at the narrowest point that reaches it ------------------------------
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+_QUIET = _DropMessages("litlogger", "litmodels")
+
+
+def quiet_third_party() -> None:
+    """Silence three messages every run printed that say nothing about it (idempotent):
+
+    * Lightning's "Tip: ... try installing litlogger" / "litmodels" (advertisements, logged at INFO by its
+      rank-zero logger when a Trainer is built): a filter on the loggers that emit them, for those texts only;
+    * torch's FutureWarning "``isinstance(treespec, LeafSpec)`` is deprecated", raised inside Lightning's
+      ``utilities/_pytree.py`` (not our code; Lightning has to change it): ignored for that message only;
+    * torch's FutureWarning "``torch.jit.script`` is deprecated", raised when torch registers its own
+      forward-mode AD decompositions with ``torch.jit.script`` at the first dual tensor (the meta, MMSI and
+      hypergrad policies' jvp): the decompositions are loaded here, once, with that one warning ignored.
+    """
+    import warnings
+
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        try:
+            from torch.autograd import forward_ad
+
+            load = getattr(forward_ad, "_maybe_load_decompositions", None)
+            if load is not None:
+                load()
+        except Exception:  # a torch without it: the warning (if any) is torch's to give
+            pass
 
 
 def _is_rank_zero() -> bool:

@@ -5,7 +5,8 @@
   processes (DataLoader workers, ``RUSAGE_CHILDREN``), summed over DDP ranks; on CUDA the GPU time of
   the training steps (CUDA events around every step, read once per epoch so the hot path never waits);
   and a count of the passes through the model, at the embedder's output, per stage (train / validate /
-  test): forward calls and their images, forward-mode (jvp) calls, backward passes and their images.
+  test): forward calls and their images, forward-mode (jvp) calls, backward passes and their images
+  (a many-heads model's (K, B, d) output, ``threshold_policy=many_heads``, counts as K passes of B images).
   A backward pass is counted when a gradient reaches the embeddings (one per ``backward`` or
   ``autograd.grad`` through the model); the second-order part of a literal double backward is not
   counted separately. The totals travel in checkpoints (callback state), so a resumed run reports
@@ -87,14 +88,17 @@ class ComputeMeter(pl.Callback):
             return
         counts = self.passes[_stage(self._trainer)]
         n = int(output.shape[0]) if output.dim() else 1
-        counts["forward"] += 1
-        counts["forward_images"] += n
+        calls = 1
+        if getattr(module, "stacked_heads", False) and output.dim() == 3:  # ManyHeads: (K, B, d) = K passes of B
+            calls, n = int(output.shape[0]), int(output.shape[1])
+        counts["forward"] += calls
+        counts["forward_images"] += calls * n
         if forward_ad.unpack_dual(output).tangent is not None or _inside_func_jvp():
-            counts["jvp"] += 1
+            counts["jvp"] += calls
         if output.requires_grad and torch.is_grad_enabled():
-            def on_backward(grad: Tensor, counts=counts, n=n) -> None:
-                counts["backward"] += 1
-                counts["backward_images"] += n
+            def on_backward(grad: Tensor, counts=counts, n=n, calls=calls) -> None:
+                counts["backward"] += calls
+                counts["backward_images"] += calls * n
 
             output.register_hook(on_backward)
 
@@ -180,3 +184,46 @@ class ValidationHistory(pl.Callback):
             if self.monitor in entry and (not best or entry[self.monitor] > best[self.monitor]):
                 best = entry
         return best
+
+
+class TrainLossTrace(pl.Callback):
+    """The training loss at the first step, over the last epoch (mean of its steps) and at the last step:
+    ``metrics.json``'s ``train_loss``, so a run says whether it fitted its batches (``debug=overfit``: the
+    same batches every epoch, the last epoch's mean should approach 0)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self._epoch: list[float] = []
+        self._last_epoch: list[float] = []
+
+    @staticmethod
+    def _loss(outputs) -> float | None:
+        value = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        return float(value) if isinstance(value, Tensor) and value.numel() == 1 else None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = self._loss(outputs)
+        if loss is None:
+            return
+        self.first = loss if self.first is None else self.first
+        self.last = loss
+        self._epoch.append(loss)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch:
+            self._last_epoch = list(self._epoch)
+
+    def state_dict(self) -> dict:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = state.get("first")
+
+    def summary(self) -> dict[str, float | None]:
+        last_epoch = self._last_epoch or self._epoch
+        mean = sum(last_epoch) / len(last_epoch) if last_epoch else None
+        return {"first_step": self.first, "last_epoch_mean": mean, "last_step": self.last}

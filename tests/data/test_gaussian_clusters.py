@@ -1,4 +1,4 @@
-"""dataset=gaussian_clusters: NSPA's synthetic vectors (spec research/nspa.md §2.1), generated in memory,
+"""dataset=gaussian_clusters: NSPA's synthetic vectors (spec docs/papers/nspa.md §2.1), generated in memory,
 through the config, the data module and the P x K sampler."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from tests.conftest import compose_train
 SMALL = [
     "transform=simple", "dataset.image_size=32", "data.batch_size=4", "data.K=2", "data.num_workers=0",
     "backbone.model_name=resnet10t", "backbone.dim=16", "dataset.recall_ks=[1,2]",
-    "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
+    "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
     "data.selection=test",  # the tiny trees have 2 train classes: nothing to hold out (the layouts are tested here)
 ]
 

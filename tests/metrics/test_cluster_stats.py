@@ -1,4 +1,4 @@
-"""NSPA's cluster statistics (spec research/nspa.md §2.2) against a slow per-class loop written from the
+"""NSPA's cluster statistics (spec docs/papers/nspa.md §2.2) against a slow per-class loop written from the
 definitions, on hand-made and random inputs, plus the Metric wrapper (DDP padding de-duplicated)."""
 
 from __future__ import annotations
