@@ -35,6 +35,7 @@ bench: $(STAMP) ## step-cost ratios vs the static step, data pipeline, miners, e
 	$(PY) benchmarks/bench_data.py $(BENCH_FLAGS)
 	$(PY) benchmarks/bench_miners.py
 	$(PY) benchmarks/bench_eval.py --quick
+	$(PY) benchmarks/bench_startup.py
 
 # The CUDA path in one table (< 5 min on one GPU); without CUDA every row says "no CUDA device: skipped", exit 0.
 .PHONY: gpu-check

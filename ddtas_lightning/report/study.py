@@ -144,7 +144,7 @@ def _pp(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:+.1f}"
 
 
-def trained_vs_untrained(c: Comparison) -> tuple[Interval, float] | None:
+def trained_vs_untrained(c: Comparison, metric: str = "R@1") -> tuple[Interval, float] | None:
     """The grid chosen on validation minus the untrained model, test R@1 paired by seed, and the untrained
     model's mean: with a head that starts as the identity (experiment=threshold_study_pretrained) the untrained
     model is the raw pretrained features, the baseline training must beat. None without untrained metrics."""
@@ -152,9 +152,9 @@ def trained_vs_untrained(c: Comparison) -> tuple[Interval, float] | None:
     pairs = []
     for run in (head.by_seed.values() if head is not None else ()):
         m = run.metrics or {}
-        untrained = (m.get("untrained") or {}).get("untrained/R@1")
-        if untrained is not None and (m.get("test") or {}).get("test/R@1") is not None:
-            pairs.append((m["test"]["test/R@1"], untrained))
+        untrained = (m.get("untrained") or {}).get(f"untrained/{metric}")
+        if untrained is not None and (m.get("test") or {}).get(f"test/{metric}") is not None:
+            pairs.append((m["test"][f"test/{metric}"], untrained))
     if not pairs:
         return None
     return t_interval([t - u for t, u in pairs]), sum(u for _, u in pairs) / len(pairs)
@@ -200,9 +200,14 @@ def _untrained_line(c: Comparison) -> list[str]:
         return []
     d, raw = found
     beats = "beats it" if d.low > 0 else ("worse" if d.high < 0 else "not distinguishable from it")
-    return [f"- trained (the grid chosen on validation) − untrained model (test R@1 {100 * raw:.1f}; the raw "
+    line = (f"- trained (the grid chosen on validation) − untrained model (test R@1 {100 * raw:.1f}; the raw "
             f"pretrained features where the head starts as the identity), paired 95% t: {_pp(d.mean)} "
-            f"[{_pp(d.low)}, {_pp(d.high)}]: {beats}"]
+            f"[{_pp(d.low)}, {_pp(d.high)}]: {beats}")
+    found_map = trained_vs_untrained(c, "MAP@R")
+    if found_map is not None:
+        dm, raw_map = found_map
+        line += f"; MAP@R {100 * raw_map:.1f} -> {100 * (raw_map + dm.mean):.1f}, {_pp(dm.mean)} [{_pp(dm.low)}, {_pp(dm.high)}]"
+    return [line]
 
 
 def ablation_table(all_settings: list[Setting]) -> list[str]:
