@@ -58,16 +58,23 @@ def train_single(lam: float, kind: str, steps: int, freeze=()) -> tuple[MLPEmbed
         p.requires_grad_(not name.startswith(freeze) if freeze else True)
     loss_fn, miner = loss_and_miner(kind)
     loss_fn.threshold = lam
-    policy, gen = StaticThreshold(), torch.Generator().manual_seed(0)
+    outs = run_steps(model, StaticThreshold(), loss_fn, miner, steps)
+    return model, [float(out.loss.detach()) for out in outs]
+
+
+def run_steps(model, policy, loss_fn, miner, steps: int) -> list:
+    """``steps`` Adam steps (lr 1e-2, trainable parameters only) of ``policy`` on the fixed batches, one
+    seeded generator: the loop a grid run and a many-heads run share; returns every step's output."""
+    gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+    outs = []
     for x in batches(steps):
         out = policy.step(model, loss_fn, miner, StepBatch(x, LABELS, generator=gen))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss.detach()))
-    return model, losses
+        outs.append(out)
+    return outs
 
 
 def train_heads(kind: str, steps: int, split: str = "none", freeze=(), vmap_loss: bool = False):
@@ -77,16 +84,9 @@ def train_heads(kind: str, steps: int, split: str = "none", freeze=(), vmap_loss
         for p in model.trunk.parameters():
             p.requires_grad_(False)
     loss_fn, miner = loss_and_miner(kind)
-    policy, gen = ManyHeadsThreshold(LAMBDAS, split=split, vmap_loss=vmap_loss), torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    logs = []
-    for x in batches(steps):
-        out = policy.step(model, loss_fn, miner, StepBatch(x, LABELS, generator=gen))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        logs.append({k: float(v) for k, v in out.logs.items()})
-    return model, logs, policy
+    policy = ManyHeadsThreshold(LAMBDAS, split=split, vmap_loss=vmap_loss)
+    outs = run_steps(model, policy, loss_fn, miner, steps)
+    return model, [{k: float(v) for k, v in out.logs.items()} for out in outs], policy
 
 
 @pytest.mark.parametrize("kind", ["asms", "random_miner", "batch_norm"])

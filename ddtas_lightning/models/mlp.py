@@ -24,7 +24,7 @@ class MLPEmbedder(nn.Module):
     relu_output: a ReLU on the embedding (the NSPA author's ``Dense(encodings_len, relu)`` head; with
     ``normalize=False`` the embeddings are raw non-negative vectors, the paper's setting).
     model_name: only a label (train.py records ``backbone.model_name`` in metrics.json).
-    init: ``"default"`` (PyTorch's initialisation) or ``"identity"`` (no hidden layers, ``dim == in_dim``:
+    head_init: ``"default"`` (PyTorch's initialisation) or ``"identity"`` (no hidden layers, ``dim == in_dim``:
     the head starts as the identity map, so the untrained model *is* its input features; on a pretrained
     backbone's cached features training then starts at them, and the run's untrained evaluation is the
     raw-feature baseline it must beat, paired by seed).
@@ -39,7 +39,7 @@ class MLPEmbedder(nn.Module):
         normalize: bool = True,
         model_name: str = "mlp",
         relu_output: bool = False,
-        init: str = "default",
+        head_init: str = "default",
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
@@ -58,11 +58,11 @@ class MLPEmbedder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, int(dim))
         self.relu_output = bool(relu_output)
-        if init not in HEAD_INITS:
-            raise ValueError(f"backbone.init must be one of {', '.join(HEAD_INITS)}; got {init!r}")
-        if init == "identity" and hidden:
-            raise ValueError(f"backbone.init=identity needs backbone.hidden=[], got {hidden}")
-        init_head(self.head, init)
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"backbone.head_init must be one of {', '.join(HEAD_INITS)}; got {head_init!r}")
+        if head_init == "identity" and hidden:
+            raise ValueError(f"backbone.head_init=identity needs backbone.hidden=[], got {hidden}")
+        init_head(self.head, head_init)
         self.in_dim, self.dim, self.normalize, self.model_name = (
             int(in_dim),
             int(dim),

@@ -7,7 +7,6 @@ same merge through ``Metric.merge_state`` in test_retrieval.py.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ddtas_lightning.metrics import RetrievalMetrics
+from tests.conftest import free_port
 
 N, WORLD = 103, 2
 
@@ -50,16 +50,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_process_gloo_equals_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     emb, labels, is_query, is_gallery = _data()
     single = RetrievalMetrics(nmi=True)
     single.update(emb, labels, torch.arange(N), is_query, is_gallery)

@@ -51,14 +51,14 @@ def test_config_reads_the_dataset_dimension():
 
 def test_identity_init_returns_the_normalised_input():
     x = torch.randn(5, 6)
-    model = MLPEmbedder(in_dim=6, dim=6, hidden=[], init="identity")
+    model = MLPEmbedder(in_dim=6, dim=6, hidden=[], head_init="identity")
     assert torch.allclose(model(x), torch.nn.functional.normalize(x, dim=1), atol=1e-6)
-    unnormalised = MLPEmbedder(in_dim=6, dim=6, hidden=[], init="identity", normalize=False)
+    unnormalised = MLPEmbedder(in_dim=6, dim=6, hidden=[], head_init="identity", normalize=False)
     assert torch.equal(unnormalised(x), x)
 
 
-@pytest.mark.parametrize("kwargs", [dict(hidden=[4]), dict(dim=3), dict(init="orthogonal")])
+@pytest.mark.parametrize("kwargs", [dict(hidden=[4]), dict(dim=3), dict(head_init="orthogonal")])
 def test_identity_init_refuses_what_cannot_be_the_identity(kwargs):
-    args = dict(in_dim=6, dim=6, hidden=[], init="identity") | kwargs
+    args = dict(in_dim=6, dim=6, hidden=[], head_init="identity") | kwargs
     with pytest.raises(ValueError, match="init"):
         MLPEmbedder(**args)

@@ -19,6 +19,7 @@ from ddtas_lightning.losses import SoftContrastiveLoss
 from ddtas_lightning.miners.asms import ASMS
 from ddtas_lightning.policies import StepBatch, TargetRateThreshold
 from ddtas_lightning.policies.target_rate import masked_quantile
+from tests.conftest import free_port
 from tests.policies.problems import make_model
 
 
@@ -266,16 +267,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_ranks_hold_the_single_process_lambda(tmp_path):
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model, miner = make_model(0), ASMS()
     loss_fn = SoftContrastiveLoss(scale_neg=10.0, threshold=0.2)
