@@ -86,11 +86,13 @@ compare: $(STAMP) ## tables, plots and report.md of the latest sweep and TPE stu
 # Learned thresholds vs the grid (issue 13): `make study` runs experiment=threshold_study (cached-feature
 # mode: a frozen random-init resnet18's features of each embedded image set, cached once; MLP heads train on
 # them) for every image set x run length: the lambda grid, the learned arms from both ends of the grid and
-# the arms without a start (STUDY_HEADS_ARMS: the grid's heads in one run, into learned_heads/),
-# STUDY_SEEDS seeds each (STUDY_LONG_* for the 1,000-step settings: fewer arms), STUDY_JOBS settings at a
-# time, into STUDY_DIR/<images>_<steps>/{grid,learned}; then the report (tables, lambda plots) in STUDY_DIR/report.
+# the arms without a start (STUDY_HEADS_ARMS: the grid's heads in one run, into learned_heads/), then the pruned
+# searches (STUDY_SEARCHES: conf/hparams_search/<name>.yaml, an Optuna study per seed, into search_<name>/seed<k>/;
+# the report reads each as one family, its pruned trials' CPU seconds included), STUDY_SEEDS seeds each
+# (STUDY_LONG_* for the 1,000-step settings: fewer arms), STUDY_JOBS settings at a time, into
+# STUDY_DIR/<images>_<steps>/{grid,learned,...}; then the report (tables, lambda plots) in STUDY_DIR/report.
 # Each sweep's checkpoints are deleted when it ends (metrics, logs and per-query results stay): ~30 MB a run,
-# 22 GB for the 660 runs of the full study.
+# 22 GB for the 660 runs of the full study (before the searches: up to 432 trials more).
 STUDY_NEW_DIR := multirun/threshold_study/$(shell date +%Y-%m-%d_%H-%M-%S)
 STUDY_DIR ?= $(STUDY_NEW_DIR)
 STUDY_LAST_DIR = $(lastword $(sort $(wildcard multirun/threshold_study/[0-9]*_*)))
@@ -105,6 +107,9 @@ STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout
 # Arms without a start (issue 23: the whole grid in one run, one head per STUDY_GRID lambda): once per seed,
 # into learned_heads/ (empty: none)
 STUDY_HEADS_ARMS ?= study/many_heads,study/many_heads_shared
+# Pruned searches over the grid's lambdas (issue 23; hparams_search=<name>, the grid's 6 runs at most): once per
+# seed, into search_<name>/seed<k>/ (empty: none)
+STUDY_SEARCHES ?= study_grid_sha study_tpe_median
 STUDY_JOBS ?= 2
 # STUDY_EXPERIMENT=threshold_study_pretrained: the realistic regime (ImageNet EfficientNet-Lite0 features of the
 # sets `prepare` builds; `make study-pretrained`)
@@ -125,7 +130,11 @@ study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x
 			hydra.sweep.dir=$$out/learned > $$out.learned.log 2>&1 && find $$out/learned -name "*.ckpt" -delete && \
 		{ [ -z "$(STUDY_HEADS_ARMS)" ] || { $(STUDY_TRAIN) arm=$(STUDY_HEADS_ARMS) "++threshold_policy.thresholds=[$(STUDY_GRID)]" \
 			seed=$$seeds $$common hydra.sweep.dir=$$out/learned_heads > $$out.heads.log 2>&1 && \
-			find $$out/learned_heads -name "*.ckpt" -delete; }; } \
+			find $$out/learned_heads -name "*.ckpt" -delete; }; } && \
+		( for search in $(STUDY_SEARCHES); do for k in $$(echo $$seeds | tr , " "); do \
+			$(STUDY_TRAIN) hparams_search=$$search seed=$$k $$common hydra.sweep.dir=$$out/search_$$search/seed$$k \
+				>> $$out.search.log 2>&1 || exit 1; done; \
+			find $$out/search_$$search -name "*.ckpt" -delete; done ) \
 		|| { echo "failed: $$out (log: $$out.*.log)"; exit 255; }'
 	$(PY) -m ddtas_lightning.study $(STUDY_DIR)
 

@@ -8,6 +8,7 @@ shared trunk, the trunk's gradient must be the mean of the K runs' trunk gradien
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ddtas_lightning.models.many_heads import ManyHeads
 from ddtas_lightning.models.mlp import MLPEmbedder
 from ddtas_lightning.module import DMLModule
 from ddtas_lightning.policies import ManyHeadsThreshold, StaticThreshold, StepBatch
+from ddtas_lightning.policies.many_heads import halve, is_rung
 from ddtas_lightning.runtime.run_record import ComputeMeter
 
 LAMBDAS = (0.1, 0.4, 0.7)
@@ -62,13 +64,16 @@ def train_single(lam: float, kind: str, steps: int, freeze=()) -> tuple[MLPEmbed
     return model, [float(out.loss.detach()) for out in outs]
 
 
-def run_steps(model, policy, loss_fn, miner, steps: int) -> list:
+def run_steps(model, policy, loss_fn, miner, steps: int, before_step=None) -> list:
     """``steps`` Adam steps (lr 1e-2, trainable parameters only) of ``policy`` on the fixed batches, one
-    seeded generator: the loop a grid run and a many-heads run share; returns every step's output."""
+    seeded generator: the loop a grid run and a many-heads run share; returns every step's output.
+    ``before_step(i)`` runs before step i (successive halving stops heads there)."""
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     outs = []
-    for x in batches(steps):
+    for i, x in enumerate(batches(steps)):
+        if before_step is not None:
+            before_step(i)
         out = policy.step(model, loss_fn, miner, StepBatch(x, LABELS, generator=gen))
         opt.zero_grad()
         out.loss.backward()
@@ -77,7 +82,7 @@ def run_steps(model, policy, loss_fn, miner, steps: int) -> list:
     return outs
 
 
-def train_heads(kind: str, steps: int, split: str = "none", freeze=(), vmap_loss: bool = False):
+def train_heads(kind: str, steps: int, split: str = "none", freeze=(), vmap_loss: bool = False, before_step=None):
     base = make_mlp(batch_norm=kind == "batch_norm")
     model = ManyHeads(base, len(LAMBDAS), split=split)
     if freeze:
@@ -85,7 +90,8 @@ def train_heads(kind: str, steps: int, split: str = "none", freeze=(), vmap_loss
             p.requires_grad_(False)
     loss_fn, miner = loss_and_miner(kind)
     policy = ManyHeadsThreshold(LAMBDAS, split=split, vmap_loss=vmap_loss)
-    outs = run_steps(model, policy, loss_fn, miner, steps)
+    outs = run_steps(model, policy, loss_fn, miner, steps,
+                     before_step=None if before_step is None else lambda i: before_step(i, model))
     return model, [{k: float(v) for k, v in out.logs.items()} for out in outs], policy
 
 
@@ -201,6 +207,108 @@ def test_compute_meter_counts_k_passes_per_heads_call():
     assert counts[3]["forward"] == 3 + 1 and counts[3]["backward"] == 3
 
 
+# ---- successive halving of the heads -----------------------------------------------------------------
+def rungs_reference(min_resource: int, eta: int, up_to: int) -> set[int]:
+    """The rung validations written out: min_resource, min_resource * eta, min_resource * eta**2, ..."""
+    return {min_resource * eta ** i for i in range(up_to) if min_resource * eta ** i <= up_to}
+
+
+def halving_reference(history: list[list[float]], eta: int, min_resource: int = 1) -> list[list[int]]:
+    """The heads trained after each validation: at a rung, sort the survivors by (R@1 descending, index
+    ascending), NaN as the worst, and keep the first max(1, n // eta)."""
+    alive, out = list(range(len(history[0]))), []
+    for v, r1 in enumerate(history, start=1):
+        if v in rungs_reference(min_resource, eta, len(history)):
+            score = {k: (float("-inf") if math.isnan(r1[k]) else r1[k]) for k in alive}
+            ordered = sorted(alive, key=lambda k: (-score[k], k))
+            alive = sorted(ordered[:max(1, len(alive) // eta)])
+        out.append(list(alive))
+    return out
+
+
+def run_halving(history: list[list[float]], eta: int, min_resource: int = 1) -> list[list[int]]:
+    """The policy's own rule (is_rung + halve) over a sequence of per-head validation R@1."""
+    active, out = [True] * len(history[0]), []
+    for v, r1 in enumerate(history, start=1):
+        if is_rung(v, min_resource, eta):
+            active = halve(active, r1, eta)
+        out.append([k for k, a in enumerate(active) if a])
+    return out
+
+
+def test_rungs_are_min_resource_times_powers_of_eta():
+    for min_resource in (1, 2, 3):
+        for eta in (2, 3, 4):
+            want = rungs_reference(min_resource, eta, 60)
+            assert {v for v in range(1, 61) if is_rung(v, min_resource, eta)} == want
+    assert not any(is_rung(v, 1, 0) for v in range(1, 20))  # reduction_factor 0: no halving
+
+
+def test_halving_decisions_on_a_hand_made_sequence():
+    # six heads, ten validations; eta 3 -> rungs 1, 3, 9: 6 -> 2 -> 1 heads
+    h = [[0.10, 0.30, 0.50, 0.40, 0.20, 0.05],   # rung 1: keep heads 2, 3
+         [0.12, 0.32, 0.50, 0.52, 0.99, 0.05],   # head 4 is stopped: its later values never count
+         [0.00, 0.00, 0.60, 0.61, 0.99, 0.00],   # rung 3: keep head 3
+         *[[0.0, 0.0, 0.9, 0.1, 0.99, 0.0]] * 7]  # head 2 would now be better: too late, it was stopped
+    assert run_halving(h, 3) == [[2, 3], [2, 3], [3], *[[3]] * 7] == halving_reference(h, 3)
+    # ties go to the lower index; NaN is the worst; eta 2 with min_resource 2 -> rungs 2, 4, 8
+    t = [[0.5, 0.5, float("nan"), 0.5]] * 8
+    assert run_halving(t, 2, 2) == [[0, 1, 2, 3], [0, 1], [0, 1], [0], [0], [0], [0], [0]] == halving_reference(t, 2, 2)
+
+
+def test_halving_matches_the_reference_on_random_sequences():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        k = int(torch.randint(1, 9, (1,), generator=g))
+        eta = int(torch.randint(2, 5, (1,), generator=g))
+        min_resource = int(torch.randint(1, 4, (1,), generator=g))
+        # coarse values make ties common
+        h = (torch.randint(0, 4, (12, k), generator=g).double() / 4).tolist()
+        if trial % 5 == 0:
+            h[0][0] = float("nan")
+        assert run_halving(h, eta, min_resource) == halving_reference(h, eta, min_resource), (h, eta, min_resource)
+
+
+def test_a_stopped_head_stays_put_and_the_survivors_stay_their_grid_runs():
+    steps, stop_at = 6, 3
+    frozen = {}
+
+    def stop_head_1(i, model):
+        if i == stop_at:
+            model.active.copy_(torch.tensor([True, False, True]))
+            frozen.update({n: v.clone() for n, v in model.heads[1].state_dict().items()})
+
+    model, logs, _ = train_heads("asms", steps, before_step=stop_head_1)
+    assert all("train/loss_head1" not in log for log in logs[stop_at:])
+    for name, v in model.heads[1].state_dict().items():  # no forward, no gradient, no Adam update
+        assert torch.equal(v, frozen[name]), name
+    partial, _ = train_single(LAMBDAS[1], "asms", stop_at)  # head 1 = its grid run stopped at the rung
+    for name, v in partial.state_dict().items():
+        assert torch.equal(model.heads[1].state_dict()[name], v), name
+    for k in (0, 2):  # the survivors: bit for bit their whole grid runs
+        single, losses = train_single(LAMBDAS[k], "asms", steps)
+        assert [log[f"train/loss_head{k}"] for log in logs] == losses
+        for name, v in single.state_dict().items():
+            assert torch.equal(model.heads[k].state_dict()[name], v), (k, name)
+
+
+def test_a_shared_trunk_gets_the_mean_over_the_active_heads():
+    x = batches(1)[0]
+    model = ManyHeads(make_mlp(), len(LAMBDAS), split="head")
+    model.active.copy_(torch.tensor([True, False, True]))
+    loss_fn, miner = loss_and_miner("asms")
+    ManyHeadsThreshold(LAMBDAS, split="head").step(model, loss_fn, miner, StepBatch(x, LABELS)).loss.backward()
+    assert model.heads[1].weight.grad is None
+    grads = []
+    for lam in (LAMBDAS[0], LAMBDAS[2]):
+        single = make_mlp()
+        loss_fn.threshold = lam
+        StaticThreshold().step(single, loss_fn, miner, StepBatch(x, LABELS)).loss.backward()
+        grads.append({n: p.grad for n, p in single.named_parameters()})
+    for name, p in model.trunk.named_parameters():
+        torch.testing.assert_close(p.grad, (grads[0][name] + grads[1][name]) / 2, rtol=1e-9, atol=1e-12)
+
+
 def test_bad_combinations_are_config_errors():
     with pytest.raises(ConfigError, match="thresholds"):
         ManyHeadsThreshold([])
@@ -211,6 +319,10 @@ def test_bad_combinations_are_config_errors():
     assert module_class(ManyHeadsThreshold([0.1])) is ManyHeadsModule and module_class(StaticThreshold()) is DMLModule
     with pytest.raises(ConfigError, match="many_heads"):
         ManyHeadsModule(make_mlp(), SoftContrastiveLoss(), ASMS(), StaticThreshold(), optimizer=torch.optim.Adam)
+    with pytest.raises(ConfigError, match="reduction_factor"):
+        ManyHeadsThreshold([0.1, 0.2], reduction_factor=1)
+    with pytest.raises(ConfigError, match="trunk_grad=mean"):
+        ManyHeadsThreshold([0.1, 0.2], split="head", trunk_grad=0, reduction_factor=2)
 
 
 # ---- DDP: each rank embeds its rows, the heads' embeddings are gathered, every rank computes every head --
@@ -323,6 +435,36 @@ def test_a_many_heads_run_resumes_exactly(tmp_path, data_dir):
     assert a.keys() == b.keys() and "policy.head_rng" in a and "model.selected" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_halving_run_keeps_the_best_head_trains_it_as_its_grid_run_and_counts_only_what_ran(tmp_path, data_dir):
+    """Three heads, a validation every epoch (2 epochs x 3 steps), eta 3: at validation 1 the best head goes on
+    alone. It must be the head whose grid run had the best validation R@1 after epoch 1, end where that grid
+    run ends, and the run's train passes must be 3 heads x 3 steps + 1 head x 3 steps."""
+    grid = (-0.2, 0.3, 0.8)
+    every_epoch = ["trainer.check_val_every_n_epoch=1", "seed=0"]
+    heads = _train(tmp_path / "heads", data_dir, "arm=study/many_heads_sha", f"threshold_policy.thresholds=[{','.join(map(str, grid))}]",
+                   "trainer.val_check_interval=null", *every_epoch)
+    singles = [_train(tmp_path / f"single{i}", data_dir, "arm=study/static", f"loss.threshold={lam}", *every_epoch)
+               for i, lam in enumerate(grid)]
+    first = [_val_rows(tmp_path / f"single{i}")[0] for i in range(len(grid))]
+    kept = select_head(first)
+    assert first.count(max(first)) == 1  # seed 0: a decision, not a tie
+    assert any(s_["test"] != singles[kept]["test"] for s_ in singles)  # the test below can tell the heads apart
+    assert heads["final_lambda"] == pytest.approx(grid[kept])
+    want = singles[kept]
+    assert heads["best_val_R@1"] == want["best_val_R@1"] and heads["test"] == want["test"]
+    passes = heads["compute"]["passes"]["train"]["forward_images"]
+    one = want["compute"]["passes"]["train"]["forward_images"]
+    assert passes == one // 2 * len(grid) + one // 2
+
+
+def _val_rows(run_root) -> list[float]:
+    """val/R@1 of every validation of a run, in order (its metrics.csv)."""
+    import csv
+
+    rows = list(csv.DictReader(open(next((run_root / "run").rglob("metrics.csv")))))
+    return [float(r["val/R@1"]) for r in rows if r.get("val/R@1")]
 
 
 # ---- the study report: an arm without a start, with its compute ----------------------------------------

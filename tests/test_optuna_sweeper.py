@@ -265,6 +265,35 @@ def test_successive_halving_decisions(tmp_path):
                    ("COMPLETE", None, 0.80)]
 
 
+def test_hyperband_decisions(tmp_path):
+    # min_resource 1, max_resource 4, reduction_factor 2: floor(log2(4)) + 1 = 3 brackets with trial budgets
+    # ceil(3 * 2**s / (s + 1)) for s = 2, 1, 0: 4, 3, 3 (of 10). Trial n goes to the bracket of
+    # crc32("<study>_<n>") % 10 ([0, 4): 0, [4, 7): 1, [7, 10): 2): here trials 0-3 and 6 to bracket 0 (successive
+    # halving from rung 1: rungs at validations 1, 2, 4), 4 and 5 to bracket 2 (its first rung is validation 4).
+    # A trial competes only with the trials of its own bracket.
+    import binascii
+
+    budgets, brackets = [4, 3, 3], []
+    for n in range(7):
+        m = binascii.crc32(f"s_{n}".encode()) % sum(budgets)
+        brackets.append(0 if m < 4 else 1 if m < 7 else 2)
+    assert brackets == [0, 0, 0, 0, 2, 2, 0]
+    spec = pruner_spec("hyperband", {"min_resource": 1, "max_resource": 4, "reduction_factor": 2})
+    got = run_curves(tmp_path, spec, [
+        [0.50, 0.60, 0.60, 0.70],  # bracket 0, alone: goes on
+        [0.40, 0.90, 0.90, 0.90],  # bracket 0, rung 1: {0.5, 0.4}: needs the best -> pruned at 1
+        [0.55, 0.50, 0.90, 0.90],  # bracket 0: rung 1 ok (the best of 3), rung 2: {0.6, 0.5}: pruned at 2
+        [0.60, 0.65, 0.60, 0.80],  # bracket 0: rung 1 top 2 of 4, rung 2 {0.6, 0.5, 0.65}: best, rung 4 alone: on
+        [0.10, 0.10, 0.10, 0.10],  # bracket 2: worst of all at validation 1, but bracket 2 decides at 4 only,
+                                   # and there it is alone: complete (plain halving would stop it at 1)
+        [0.05, 0.05, 0.05, 0.05],  # bracket 2, validation 4: {0.1, 0.05}: needs the best -> pruned at 4
+        [0.30, 0.99, 0.99, 0.99],  # bracket 0, rung 1: 5 values, needs the top 5 // 2 = 2 (>= 0.55): pruned at 1
+    ])
+    assert got == [("COMPLETE", None, 0.70), ("PRUNED", 1, pytest.approx(0.40)), ("PRUNED", 2, pytest.approx(0.50)),
+                   ("COMPLETE", None, 0.80), ("COMPLETE", None, 0.10), ("PRUNED", 4, pytest.approx(0.05)),
+                   ("PRUNED", 1, pytest.approx(0.30))]
+
+
 def test_the_callback_stops_a_real_run_and_metrics_json_says_pruned(tmp_path, data_dir, one_thread):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     spec = pruner_spec("median", {"n_startup_trials": 1})

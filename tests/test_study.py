@@ -4,12 +4,14 @@ table across settings; checked on hand-made run dirs with known numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from scipy import stats as sps
 
-from ddtas_lightning.report.study import TARGET_GAP, arm_label, main, meets_target, settings
+from ddtas_lightning.report.runs import SweepError
+from ddtas_lightning.report.study import TARGET_GAP, arm_label, main, meets_target, report, settings
 from tests.test_compare import make_run
 
 HYPER = "ddtas_lightning.policies.HypergradThreshold"
@@ -154,3 +156,85 @@ def test_vs_untrained_pairs_each_run_with_its_own_untrained_metrics(tmp_path, ca
     assert vs_main([str(tmp_path / "ft")]) == 0 and "+20.0" in capsys.readouterr().out
     make_run(tmp_path / "none", 0, "ft", 0, r1=0.5)
     assert vs_main([str(tmp_path / "none")]) == 2 and "evaluate_before_training" in capsys.readouterr().err
+
+
+# ---- searches (issue 23): an Optuna study per seed, pruned trials' compute included ------------------------
+def make_search(root, setting: str, name: str, seed: int, trials: list[tuple[float, float | None, float, float]],
+                *, sampler: str = "Grid", pruner: str = "successive_halving"):
+    """One seed's study in ``<setting>/search_<name>/seed<seed>/``; trials: (lambda, val R@1, test R@1 or None for
+    a pruned trial, CPU s), in trial order."""
+    sweep = root / setting / f"search_{name}" / f"seed{seed}"
+    record = []
+    for num, (lam, val, test, cpu) in enumerate(trials):
+        run = make_run(sweep, num, "study/static", seed, r1=0.0 if test is None else test, val=val, lam=lam, cpu=cpu,
+                       dataset=setting, overrides=[*_overrides("static", lam, seed), f"hparams_search={name}"])
+        if test is None:  # as runtime/training.py leaves a pruned trial: its validations and compute, no test
+            metrics = json.loads((run / "metrics.json").read_text())
+            metrics.update(status="pruned", pruned={"at_validation": 1})
+            metrics.pop("test")
+            (run / "metrics.json").write_text(json.dumps(metrics))
+        record.append({"number": num, "params": {"loss.threshold": lam}, "value": val,
+                       "state": "PRUNED" if test is None else "COMPLETE"})
+    (sweep / "optuna.json").write_text(json.dumps({"seed": seed, "sampler": sampler, "trials": record,
+                                                   "pruner": {"kind": pruner, "options": {}}}))
+    return sweep
+
+
+# (lambda, val, test or None: pruned, CPU s). The validation pick (λ 0.2) tests 0.15 / 0.16 / 0.18, 30 CPU s a seed.
+CHEAP = {  # the picks match the grid's within 0.2 point; 6, 5, 5 CPU s a seed, pruned trials included (< 30 / 4)
+    0: [(0.2, 0.30, 0.151, 2.0), (0.8, 0.35, None, 1.0), (-0.2, 0.20, 0.10, 2.0), (0.4, 0.10, None, 1.0)],
+    1: [(0.4, 0.29, 0.158, 2.0), (0.2, 0.31, 0.162, 2.0), (0.8, 0.50, None, 1.0)],
+    2: [(0.2, 0.32, 0.179, 3.0), (0.0, 0.20, None, 1.0), (0.6, 0.25, None, 1.0)],
+}
+
+
+def test_a_search_is_one_family_paired_by_seed_with_the_grid_at_the_compute_of_all_its_trials(tmp_path):
+    make_setting(tmp_path, "synth_100", GRID, {})
+    for seed, trials in CHEAP.items():
+        make_search(tmp_path, "synth_100", "study_grid_sha", seed, trials)
+    (s,) = settings(tmp_path)  # a grid and a search, no learned sweep: a setting
+    (search,) = s.searches
+    v = search.versus
+    # per seed, the validation-best complete trial; a pruned one with a higher validation R@1 is never it
+    picks = {0: 0.151, 1: 0.162, 2: 0.179}
+    assert v.arm.arm.by_seed("R@1") == pytest.approx(picks)
+    diffs = [picks[seed] - GRID[0.2][0][seed] for seed in range(3)]
+    ref = sps.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    assert v.r1.mean == pytest.approx(sum(diffs) / 3)
+    assert (v.r1.low, v.r1.high) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    assert v.verdict == "indistinguishable"
+    cpu = [sum(t[3] for t in trials) for trials in CHEAP.values()]  # 6, 5, 5: pruned trials included
+    assert v.arm.cpu.mean == pytest.approx(sum(cpu) / 3)
+    assert v.compute_ratio == pytest.approx(30.0 / (sum(cpu) / 3))
+    assert meets_target(v) == "yes"
+    assert search.label == ("search study_grid_sha (Grid + SHA, 3.3 trials: 1.7 complete, 1.7 pruned per seed)")
+    assert v.arm.thresholds == "chose λ 0.2 x3"
+    text = report([s])
+    assert f"| {search.label} | 3 | 16.4 ± 1.4 | chose λ 0.2 x3 | +0.1 [" in text
+    ablation = text.split("## Ablation")[1].split("## Per setting")[0]
+    assert "| search study_grid_sha | +0.1 [" in ablation and ablation.rstrip().endswith("yes |")
+
+
+def test_an_expensive_search_misses_the_target_on_compute_and_unpaired_seeds_are_left_out(tmp_path):
+    make_setting(tmp_path, "synth_100", GRID, LEARNED)
+    for seed in range(4):  # seed 3: no grid run at that seed
+        test = GRID[0.2][0][seed] if seed < 3 else 0.5
+        make_search(tmp_path, "synth_100", "study_tpe_median", seed,
+                    [(0.21, 0.3, test, 10.0), (0.5, 0.2, None, 5.0)], sampler="TPE", pruner="median")
+    (s,) = settings(tmp_path)
+    v = s.searches[0].versus
+    assert v.r1.mean == pytest.approx(0.0) and v.r1.n == 3  # seed 3 left out of the pairing
+    assert v.compute_ratio == pytest.approx(30.0 / 15.0)
+    assert meets_target(v) == "no (compute)"
+    assert s.searches[0].label.startswith("search study_tpe_median (TPE + median, 2 trials: 1 complete, 1 pruned")
+    assert "seed 3 not in the grid: left out of ΔR@1" in s.searches[0].label
+
+
+def test_a_search_dir_without_an_optuna_study_is_an_error_naming_it(tmp_path, capsys):
+    make_setting(tmp_path, "synth_100", GRID, LEARNED)
+    empty = tmp_path / "synth_100" / "search_study_grid_sha" / "seed0"
+    make_run(empty, 0, "study/static", 0, r1=0.1, overrides=_overrides("static", 0.2, 0))  # a trial, no optuna.json
+    with pytest.raises(SweepError, match=r"search_study_grid_sha: no Optuna sweep.*seed<k>/optuna\.json"):
+        settings(tmp_path)
+    assert main([str(tmp_path)]) == 2
+    assert "search_study_grid_sha" in capsys.readouterr().err

@@ -22,7 +22,10 @@ seed starts from), as every point of a grid search does. Two ways to split the m
 
 ``forward(x)`` returns the ``selected`` head's (B, d) embeddings (a buffer, set by the module from the
 validation R@1 of every head; checkpoints carry it), so evaluation, ``evaluate.py`` and the galleries see
-one model; ``forward(x, heads="all")`` returns all heads' (K, B, d). :class:`ComputeMeter` counts such an
+one model; ``forward(x, heads="all")`` returns all heads' (K, B, d); ``forward(x, heads="active")`` the
+(K', B, d) of the heads still in the race (``active``, a buffer: successive halving stops the others, see
+:class:`~ddtas_lightning.policies.many_heads.ManyHeadsThreshold`; a stopped head is never called again in
+training, so its parameters get no gradient and the optimiser leaves them as they were). :class:`ComputeMeter` counts such an
 output as K passes of B images (``stacked_heads``): with ``split="none"`` each head is a whole model; with
 ``split="head"`` the shared trunk's forward is counted K times too (an upper bound on the passes; the CPU
 seconds are measured).
@@ -75,6 +78,7 @@ class ManyHeads(nn.Module):
                                   "no trunk)")
         self.trunk_grad = trunk_grad
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))
+        self.register_buffer("active", torch.ones(self.num_heads, dtype=torch.bool))
         if split == "none":
             self.heads = nn.ModuleList(copy.deepcopy(base) for _ in range(self.num_heads))
             return
@@ -98,22 +102,28 @@ class ManyHeads(nn.Module):
             z = F.relu(z)
         return F.normalize(z, dim=1) if self.normalize else z
 
+    def active_heads(self) -> list[int]:
+        """The indices of the heads still trained (all of them unless successive halving stopped some)."""
+        return [k for k in range(self.num_heads) if bool(self.active[k])]
+
     def forward(self, x: Tensor, heads: str | None = None) -> Tensor:
-        """``heads=None``: the selected head's (B, d); ``"all"``: (K, B, d)."""
-        if heads not in (None, "all"):
-            raise ValueError(f"heads must be None (the selected head) or 'all', got {heads!r}")
+        """``heads=None``: the selected head's (B, d); ``"all"``: (K, B, d); ``"active"``: (K', B, d) of
+        :meth:`active_heads`, in index order."""
+        if heads not in (None, "all", "active"):
+            raise ValueError(f"heads must be None (the selected head), 'all' or 'active', got {heads!r}")
         if heads is None:
             head = self.heads[int(self.selected)]
             return head(x) if self.split == "none" else self._finish(head(self.trunk(x)))
+        chosen = range(self.num_heads) if heads == "all" else self.active_heads()
         if self.split == "none":
-            return torch.stack([head(x) for head in self.heads])
+            return torch.stack([self.heads[k](x) for k in chosen])
         f = self.trunk(x)
-        if self.trunk_grad == "mean":
-            f = _ScaleGrad.apply(f, 1.0 / self.num_heads)
-            inputs = [f] * self.num_heads
+        if self.trunk_grad == "mean":  # the mean over the heads that are called
+            f = _ScaleGrad.apply(f, 1.0 / len(chosen))
+            inputs = {k: f for k in chosen}
         else:
-            inputs = [f if k == self.trunk_grad else f.detach() for k in range(self.num_heads)]
-        return torch.stack([self._finish(head(z)) for head, z in zip(self.heads, inputs)])
+            inputs = {k: f if k == self.trunk_grad else f.detach() for k in chosen}
+        return torch.stack([self._finish(self.heads[k](inputs[k])) for k in chosen])
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, split={self.split}, trunk_grad={self.trunk_grad}"

@@ -29,7 +29,19 @@ there). Only that head is tested (``test_all_heads=true`` also logs every head's
 ``test/head<k>/*``: a diagnostic, never used for selection). ``current_threshold()`` is the selected head's
 lambda (the run summary's final lambda).
 
-Logs: ``train/loss`` is ``sum_k L_k``; ``train/loss_head<k>``; ``mining/*`` are means over the heads.
+**Successive halving** (``reduction_factor`` eta >= 2; 0: off): the synchronous successive halving of a
+grid (Jamieson & Talwalkar 2016; Li et al. 2018), inside the one run. The rungs are the training
+validations number ``min_resource * eta**i`` (i = 0, 1, ...); at a rung the module keeps the best
+``max(1, n // eta)`` of the n heads still trained, by that validation's R@1 (ties: the lower index), and the
+others stop: no forward, backward, mining, loss or validation any more, their parameters stay where the rung
+found them (a head that is never called has no gradient, and the optimisers skip such parameters). Every
+head sees the same number of steps before a rung, in lockstep, so the decision does not depend on the order
+in which points were tried, unlike a sequential Optuna study's pruner (the first trials there always run to
+the end). With a frozen backbone, a head that survives is still bit for bit its grid run; the compute is
+the heads actually run (passes and CPU seconds). The selected (tested) head is the best *active* head.
+
+Logs: ``train/loss`` is ``sum_k L_k``; ``train/loss_head<k>``; ``mining/*`` are means over the heads;
+``val/active_heads`` (successive halving).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ddtas_lightning.config.validation import ConfigError, as_float
+from ddtas_lightning.config.validation import ConfigError, as_float, as_int
 from ddtas_lightning.losses.base import MetricLoss
 from ddtas_lightning.miners.base import BaseMiner
 from ddtas_lightning.miners.selection import PairSelection
@@ -64,6 +76,26 @@ def global_head_embeddings(local: Tensor) -> Tensor:
     return rows.reshape(-1, k, d).transpose(0, 1).contiguous()
 
 
+def is_rung(validation: int, min_resource: int, reduction_factor: int) -> bool:
+    """Whether training validation number ``validation`` (1, 2, ...) is a rung: ``min_resource * eta**i``."""
+    if reduction_factor < 2:
+        return False
+    rung = min_resource
+    while rung < validation:
+        rung *= reduction_factor
+    return rung == validation
+
+
+def halve(active: Sequence[bool], r1: Sequence[float], reduction_factor: int) -> list[bool]:
+    """The heads kept at a rung: the best ``max(1, n // eta)`` of the n active heads by ``r1`` (NaN last, ties
+    to the lower index); inactive heads stay inactive."""
+    alive = [k for k, a in enumerate(active) if a]
+    keep = max(1, len(alive) // reduction_factor)
+    ranked = sorted(alive, key=lambda k: (not r1[k] == r1[k], -r1[k] if r1[k] == r1[k] else 0.0, k))
+    kept = set(ranked[:keep])
+    return [k in kept for k in range(len(active))]
+
+
 def mean_selection(selections: list[PairSelection]) -> PairSelection:
     """For logging: the first head's masks, every stat and threshold averaged over the heads."""
     first = selections[0]
@@ -83,12 +115,14 @@ class ManyHeadsThreshold(ThresholdPolicy):
     ``head`` (a shared trunk, K linear heads). trunk_grad: ``mean`` | a head index (split=head).
     test_all_heads: also test every head (diagnostic ``test/head<k>/*``; the run's ``test/*`` stay the
     selected head's). vmap_loss: the heads' mining and losses in one vmap call (see the module docstring).
+    reduction_factor, min_resource: successive halving of the heads (0: off; see the module docstring).
     """
 
     many_heads = True  # the builder gives such a policy the many-heads module
 
     def __init__(self, thresholds: Sequence[float], split: str = "none", trunk_grad: str | int = "mean",
-                 test_all_heads: bool = False, vmap_loss: bool = False) -> None:
+                 test_all_heads: bool = False, vmap_loss: bool = False, reduction_factor: int = 0,
+                 min_resource: int = 1) -> None:
         super().__init__()
         if isinstance(thresholds, str | int | float) or not len(thresholds):
             raise ConfigError(f"threshold_policy.thresholds must be a non-empty list of lambdas (one head each), "
@@ -96,6 +130,16 @@ class ManyHeadsThreshold(ThresholdPolicy):
         self.thresholds = tuple(as_float(f"threshold_policy.thresholds[{i}]", t) for i, t in enumerate(thresholds))
         self.split, self.trunk_grad, self.test_all_heads = split, trunk_grad, bool(test_all_heads)
         self.vmap_loss = bool(vmap_loss)
+        self.reduction_factor = as_int("threshold_policy.reduction_factor", reduction_factor, 0)
+        if self.reduction_factor == 1:
+            raise ConfigError("threshold_policy.reduction_factor must be 0 (no successive halving) or >= 2 (keep "
+                              "1/eta of the heads at each rung), got 1")
+        self.min_resource = as_int("threshold_policy.min_resource", min_resource, 1)
+        if self.reduction_factor and trunk_grad != "mean":
+            raise ConfigError("threshold_policy.reduction_factor needs trunk_grad=mean (a trunk that follows one "
+                              "head would stop learning once that head is stopped)")
+        # training validations so far: the successive-halving rungs count them (checkpoints carry it)
+        self.register_buffer("validations", torch.zeros((), dtype=torch.long))
         # the head the module selected on validation (it sets it with the model's ``selected``)
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))
         size = torch.Generator().get_state().numel()
@@ -131,38 +175,43 @@ class ManyHeadsThreshold(ThresholdPolicy):
         if getattr(model, "num_heads", None) != self.num_heads:
             raise ConfigError(f"threshold_policy=many_heads needs a ManyHeads model with {self.num_heads} heads "
                               f"(one per threshold), got {type(model).__name__}")
-        emb = global_head_embeddings(model(batch.images, heads="all"))
-        out = self._batched_heads(emb, loss_fn, miner, batch) if self.vmap_loss and self._batched is not False \
-            else None
+        active = model.active_heads()
+        emb = global_head_embeddings(model(batch.images, heads="active"))
+        out = self._batched_heads(emb, active, loss_fn, miner, batch) \
+            if self.vmap_loss and self._batched is not False else None
         if out is None:
-            out = self._looped_heads(emb, loss_fn, miner, batch)
+            out = self._looped_heads(emb, active, loss_fn, miner, batch)
         losses, selection = out
-        logs = {f"train/loss_head{k}": loss.detach() for k, loss in enumerate(losses)}
+        logs = {f"train/loss_head{k}": loss.detach() for k, loss in zip(active, losses)}
         return StepOutput(loss=losses.sum(), selection=selection, logs=logs)
 
-    def _looped_heads(self, emb: Tensor, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch):
-        """Head by head, each exactly a static step's mining and loss; head k mines with its own generator."""
+    def _looped_heads(self, emb: Tensor, active: list[int], loss_fn: MetricLoss, miner: BaseMiner,
+                      batch: StepBatch):
+        """Head by head, each exactly a static step's mining and loss; head k mines with its own generator.
+        ``emb[i]`` is head ``active[i]``'s."""
         gens = self._generators(batch.generator)
         losses, selections = [], []
-        for k, lam in enumerate(self.thresholds):
-            sim = similarities(emb[k])
+        for i, k in enumerate(active):
+            sim = similarities(emb[i])
             selection = miner(sim, batch.labels, epoch=batch.epoch, generator=gens[k])
-            losses.append(loss_fn(sim, selection, threshold=lam))
+            losses.append(loss_fn(sim, selection, threshold=self.thresholds[k]))
             selections.append(selection)
         with torch.no_grad():
-            for k, g in enumerate(gens):
+            for k in active:
+                g = gens[k]
                 if g is not None and g is not batch.generator:
                     self.head_rng[k].copy_(g.get_state())
         return torch.stack(losses), mean_selection(selections)
 
-    def _batched_heads(self, emb: Tensor, loss_fn: MetricLoss, miner: BaseMiner, batch: StepBatch):
+    def _batched_heads(self, emb: Tensor, active: list[int], loss_fn: MetricLoss, miner: BaseMiner,
+                       batch: StepBatch):
         """``vmap_loss=true``: all heads' mining and loss in one ``torch.func.vmap`` call (the same operations,
         batched over the K heads: ~2.4x faster for K = 6 at B = 32, the per-call overhead of K calls; the
         batched kernels round differently from a single run's). A miner or loss that cannot run under vmap
         (one that draws at random, data-dependent shapes) raises there; the policy then uses
         :meth:`_looped_heads` from this step on."""
         sims = emb @ emb.transpose(1, 2)  # (K, B, B): S_k = E_k E_k^T
-        lams = torch.tensor(self.thresholds, dtype=torch.float64, device=sims.device)
+        lams = torch.tensor([self.thresholds[k] for k in active], dtype=torch.float64, device=sims.device)
         labels, epoch = batch.labels, batch.epoch
 
         def one_head(sim: Tensor, lam: Tensor):
@@ -180,4 +229,6 @@ class ManyHeadsThreshold(ThresholdPolicy):
         return losses, selection
 
     def extra_repr(self) -> str:
-        return f"thresholds={list(self.thresholds)}, split={self.split}, trunk_grad={self.trunk_grad}"
+        halving = f", reduction_factor={self.reduction_factor}, min_resource={self.min_resource}" \
+            if self.reduction_factor else ""
+        return f"thresholds={list(self.thresholds)}, split={self.split}, trunk_grad={self.trunk_grad}{halving}"

@@ -2,17 +2,28 @@
 
 STUDY_DIR holds one directory per setting (``<images>_<steps>``, written by ``make study``), each with a
 ``grid`` sweep (``arm=study/static`` at every grid lambda) and a ``learned`` sweep (``arm=study/<arm>``
-started from each end of the grid; further ``learned_<name>`` sweeps are read too), all of ``experiment=threshold_study``. Per setting it reuses the
-comparison of :mod:`ddtas_lightning.report.summary`: the grid search chosen on validation per seed is the
-reference, every learned arm x start gets its paired-by-seed test R@1 difference with a 95% t interval, and
-its CPU seconds against the grid's. On top of that:
+started from each end of the grid; further ``learned_<name>`` sweeps are read too), all of
+``experiment=threshold_study`` (or ``threshold_study_pretrained``), and the pruned searches
+(``search_<name>/seed<k>/``: one Optuna study of ``hparams_search=<name>`` per training seed, with its
+``optuna.json``; a ``search_<name>/`` that is itself one Optuna sweep is read too). A setting needs the grid
+and at least one learned or search dir. Per setting it reuses the comparison of
+:mod:`ddtas_lightning.report.summary`: the grid search chosen on validation per seed is the reference, every
+learned arm x start gets its paired-by-seed test R@1 difference with a 95% t interval, and its CPU seconds
+against the grid's. On top of that:
+
+* **searches**, one family per ``search_<name>``: per training seed, its pick is the validation-best
+  *complete* trial (a pruned trial never is), whose test R@1 is paired by seed with the grid's pick exactly as
+  a learned arm's (seeds the grid lacks are left out, and said so); its compute per seed is the CPU seconds of
+  all its trials, pruned ones included, so its grid/arm ratio is the grid's CPU seconds per seed over that;
+  the row names its sampler, pruner and trials per seed (complete / pruned), its lambda column the lambdas it
+  picked;
 
 * **does the threshold matter here?** the grid's best minus worst point (seed-mean test R@1) with the paired
   t interval: a setting whose interval does not clear 1 point (the +-1 the study's seeds are sized for) is
   flagged flat: there any lambda is near the best, and reaching it proves nothing;
 * **target** per learned arm: within 0.5 R@1 of the validation-selected grid (mean difference >= -0.5 and,
   decided, the interval's lower end >= -0.5) at <= 1/4 of the grid's CPU seconds;
-* the **ablation table**: one row per arm x start, one column per setting;
+* the **ablation table**: one row per arm x start and per search, one column per setting;
 * ``lambda_<setting>.png``: lambda over steps for every arm and start (seed means; thin lines: seeds), the
   grid point chosen on validation (seed mean) drawn across.
 """
@@ -22,13 +33,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddtas_lightning.report.kinds import class_name
 from ddtas_lightning.report.runs import Arm, Run, SweepError, _select, load_sweep, run_dirs
+from ddtas_lightning.report.searches import Search, choices, load_search
 from ddtas_lightning.report.stats import Interval, t_interval
-from ddtas_lightning.report.summary import Comparison, compare
+from ddtas_lightning.report.summary import Comparison, Versus, compare
 from ddtas_lightning.runtime.atomic_output import describe_os_error, staged_outputs
 
 TARGET_GAP = 0.005          # 0.5 R@1 points (metrics are fractions)
@@ -75,6 +87,7 @@ class Setting:
     spread: Interval | None       # best minus worst grid point (seed-mean test R@1), paired over seeds
     best_label: str | None
     worst_label: str | None
+    searches: list[Search] = field(default_factory=list)  # the search_<name> families, against the same grid
 
     @property
     def threshold_matters(self) -> bool:
@@ -94,9 +107,11 @@ def grid_spread(c: Comparison) -> tuple[Interval | None, str | None, str | None]
 def load_setting(path: Path) -> Setting:
     runs: list[Run] = []
     sweeps = [path / "grid", *sorted(p for p in path.glob("learned*") if p.is_dir())]
-    if len(sweeps) < 2:
+    search_dirs = sorted(p for p in path.glob("search_*") if p.is_dir())
+    if len(sweeps) < 2 and not search_dirs:
         raise SweepError(f"{path / 'learned'}: missing; a study setting holds a grid/ and a learned/ sweep "
-                         "(make study writes them; more learned arms may go to learned_<name>/)")
+                         "(make study writes them; more learned arms may go to learned_<name>/) or a "
+                         "search_<name>/ (Optuna studies, one per seed)")
     for sweep in sweeps:
         if not run_dirs(sweep):
             raise SweepError(f"{sweep}: holds no runs (make study writes them)")
@@ -105,20 +120,16 @@ def load_setting(path: Path) -> Setting:
     for a in c.arms:  # many heads: which grid lambda the validation chose, per seed (not a start -> end)
         if class_name(a.arm.first.policy_target) in NO_START:
             a.thresholds = describe_heads(a.arm)
-    return Setting(path.name, c, *grid_spread(c))
+    searches = [load_search(d, c.headline) for d in search_dirs]
+    return Setting(path.name, c, *grid_spread(c), searches=searches)
 
 
 def describe_heads(arm: Arm) -> str:
     """``6 heads λ -0.2…0.8, chose λ 0.2 x7, 0.4 x5`` (the validation's choice over the seeds)."""
     runs = arm.ok_runs or arm.runs
     grid = _select(runs[0].config, "threshold_policy.thresholds") or []
-    chosen = [r.metrics.get("val_at_best", {}).get("val/selected_lambda") for r in arm.ok_runs]
-    counts: dict[float, int] = {}
-    for lam in chosen:
-        if lam is not None:
-            counts[round(float(lam), 6)] = counts.get(round(float(lam), 6), 0) + 1
+    picks = choices((r.metrics.get("val_at_best", {}).get("val/selected_lambda") for r in arm.ok_runs), digits=6)
     span = f"{len(grid)} heads λ {min(grid):g}…{max(grid):g}" if grid else "heads"
-    picks = ", ".join(f"{lam:g} x{n}" for lam, n in sorted(counts.items()))
     return f"{span}, chose λ {picks}" if picks else span
 
 
@@ -185,13 +196,21 @@ def setting_table(s: Setting) -> list[str]:
         if s_.kind == "static":
             lines.append(f"| {s_.label} | {s_.r1.n} | {s_.r1.fmt(100)} | {s_.thresholds} | | | | "
                          f"{s_.cpu.fmt(digits=1)} | | |")
-    for v in c.versus:
-        a = v.arm
-        lines.append(
-            f"| {a.label} | {a.r1.n} | {a.r1.fmt(100)} | {a.thresholds} | {_pp(v.r1.mean)} "
+    lines += [_versus_row(v.arm.label, v) for v in c.versus]
+    for search in s.searches:
+        if search.versus is None:
+            lines.append(f"| {search.label} | 0 | n/a | | | | | | | |")
+        else:
+            lines.append(_versus_row(search.label, search.versus))
+    return lines + [""]
+
+
+def _versus_row(label: str, v: Versus) -> str:
+    """A learned arm's or a search's row: against the grid chosen on validation, paired by seed."""
+    a = v.arm
+    return (f"| {label} | {a.r1.n} | {a.r1.fmt(100)} | {a.thresholds} | {_pp(v.r1.mean)} "
             f"[{_pp(v.r1.low)}, {_pp(v.r1.high)}] | {100 * v.r1.half_width:.1f} | {v.verdict} | "
             f"{a.cpu.fmt(digits=1)} | {v.compute_ratio:.1f}x | {meets_target(v)} |")
-    return lines + [""]
 
 
 def _untrained_line(c: Comparison) -> list[str]:
@@ -210,11 +229,16 @@ def _untrained_line(c: Comparison) -> list[str]:
     return [line]
 
 
+def _all_versus(s: Setting) -> list[Versus]:
+    """The setting's learned arms, then its searches (``search <name>``), each against the grid."""
+    return [*s.comparison.versus, *(x.versus for x in s.searches if x.versus is not None)]
+
+
 def ablation_table(all_settings: list[Setting]) -> list[str]:
-    """Rows: learned arm x start; columns: settings; cells: ΔR@1 [95% t] (verdict)."""
+    """Rows: learned arm x start, then each search; columns: settings; cells: ΔR@1 [95% t] (verdict)."""
     labels: list[str] = []
     for s in all_settings:
-        for v in s.comparison.versus:
+        for v in _all_versus(s):
             if v.arm.label not in labels:
                 labels.append(v.arm.label)
     head = "| arm | " + " | ".join(s.name + ("" if s.threshold_matters else " (flat)") for s in all_settings) + " |"
@@ -222,7 +246,7 @@ def ablation_table(all_settings: list[Setting]) -> list[str]:
     for label in labels:
         cells = []
         for s in all_settings:
-            v = next((v for v in s.comparison.versus if v.arm.label == label), None)
+            v = next((v for v in _all_versus(s) if v.arm.label == label), None)
             cells.append("–" if v is None else f"{_pp(v.r1.mean)} [{_pp(v.r1.low)}, {_pp(v.r1.high)}] "
                          f"{meets_target(v)}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -283,7 +307,8 @@ def report(all_settings: list[Setting]) -> str:
     lines = ["# Learned thresholds vs the validation-selected grid (make study)", "",
              "ΔR@1 in points, test classes, paired by seed, 95% t interval. Target: ΔR@1 ≥ −0.5 "
              f"(\"yes\": the whole interval; \"mean only\": the mean) at ≤ {TARGET_COMPUTE:g} of the grid's "
-             "CPU seconds.", "", "## Ablation", ""]
+             "CPU seconds. A search (search_<name>: an Optuna study per seed, pruned trials included in its CPU "
+             "seconds) is judged as an arm: its validation-best complete trial per seed.", "", "## Ablation", ""]
     lines += ablation_table(all_settings) + ["", "## Per setting", ""]
     for s in all_settings:
         lines += setting_table(s)
@@ -326,4 +351,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Setting", "ablation_table", "arm_label", "grid_spread", "main", "meets_target", "settings", "write_report"]
+__all__ = ["Setting", "ablation_table", "arm_label", "grid_spread", "main", "meets_target",
+           "settings", "write_report"]

@@ -183,6 +183,22 @@ class OptunaFamily:
         """``TPE``, ``Grid``; ``+ pruning`` when some trial was pruned."""
         return self.sampler + (" + pruning" if self.pruned else "")
 
+    @property
+    def complete(self) -> list[Run]:
+        return [r for r in self.trials if r.ok]
+
+    @property
+    def cpu_s(self) -> float:
+        """The study's cost: the CPU seconds of all its finished trials, pruned ones included (NaN: none known)."""
+        known = [r.cpu_s for r in self.trials if (r.ok or r.pruned) and not math.isnan(r.cpu_s)]
+        return sum(known) if known else math.nan
+
+    def best(self) -> Run | None:
+        """The validation-best complete trial, what the study returns (a pruned trial is never it; None: no trial
+        completed)."""
+        found = self.best_so_far()
+        return found[-1][3] if found else None
+
     def best_so_far(self) -> list[tuple[float, float, float, Run]]:
         """After each finished trial (complete or pruned, once one completed): (cumulative CPU s, best validation
         R@1 so far, that trial's test R@1, it). A pruned trial adds its CPU seconds but is never the pick."""
