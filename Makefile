@@ -106,7 +106,7 @@ STUDY_LONG_SEEDS ?= 0,1,2,3,4,5
 STUDY_LONG_ARMS ?= study/meta_faithful,study/hg_nca_heldout,study/hg_nca_heldout_mb64,study/stats_rate,study/stats_rate_balanced
 # Arms without a start (issue 23: the whole grid in one run, one head per STUDY_GRID lambda): once per seed,
 # into learned_heads/ (empty: none)
-STUDY_HEADS_ARMS ?= study/many_heads,study/many_heads_shared
+STUDY_HEADS_ARMS ?= study/many_heads,study/many_heads_shared,study/many_heads_sha
 # Pruned searches over the grid's lambdas (issue 23; hparams_search=<name>, the grid's 6 runs at most): once per
 # seed, into search_<name>/seed<k>/ (empty: none)
 STUDY_SEARCHES ?= study_grid_sha study_tpe_median
@@ -139,15 +139,37 @@ study: $(STAMP) ## learned-threshold study: grid vs learned arms, 2 image sets x
 	$(PY) -m ddtas_lightning.study $(STUDY_DIR)
 
 PRETRAINED_SEEDS ?= 0,1,2,3
-PRETRAINED_ARMS ?= study/meta_faithful,study/hg_nca_heldout_head,study/stats_rate
+PRETRAINED_ARMS ?= study/meta_faithful,study/hg_nca_heldout_head,study/stats_rate,study/stats_rate_balanced,study/stats_rate_q25
 PRETRAINED_DIR ?= multirun/threshold_study_pretrained/$(shell date +%Y-%m-%d_%H-%M-%S)
 # The realistic regime (issue 20): the two real sets (build them first: python -m ddtas_lightning.data.prepare
 # emoji --size 96; ... cjk_fonts --classes 600 --size 64), pretrained features, 1,000 steps, 4 seeds, the main arms.
 .PHONY: study-pretrained
 study-pretrained: $(STAMP) ## the study in the realistic regime: emoji + cjk_fonts, EfficientNet-Lite0 features (STUDY_*=)
 	$(MAKE) study STUDY_EXPERIMENT=threshold_study_pretrained STUDY_IMAGES="emoji cjk_fonts" STUDY_STEPS=1000 \
-		STUDY_LONG_SEEDS=$(PRETRAINED_SEEDS) STUDY_HEADS_ARMS=study/many_heads STUDY_LONG_ARMS=$(PRETRAINED_ARMS) \
+		STUDY_LONG_SEEDS=$(PRETRAINED_SEEDS) STUDY_HEADS_ARMS=study/many_heads,study/many_heads_sha STUDY_LONG_ARMS=$(PRETRAINED_ARMS) \
 		STUDY_DIR=$(PRETRAINED_DIR)
+
+# Many heads in partial fine-tuning (issue 23): EfficientNet-Lite0's last two stages + head conv train on cached
+# stage-5 activations of emoji at 128 px (experiment=stage_tail_lite0, identity-initialised 1,280-d head,
+# 1,000 steps): the lambda grid (PARTIAL_SEEDS seeds), the grid's heads on one shared trunk
+# (arm=study/many_heads_shared: split=head, the trunk gets the heads' mean gradient) and the same with
+# successive halving of the heads (arm=study/many_heads_sha threshold_policy.split=head), then the study report.
+PARTIAL_SEEDS ?= 0,1,2
+PARTIAL_DIR ?= multirun/threshold_study_partial/$(shell date +%Y-%m-%d_%H-%M-%S)
+PARTIAL_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=stage_tail_lite0 \
+	dataset@dataset.source.images=emoji dataset.source.transform.image_size=128 backbone.dim=1280 \
+	backbone.head_init=identity loss=soft_contrastive evaluate_before_training=true callbacks.keep_last=false \
+	data.batches_per_epoch=100 trainer.max_epochs=10 seed=$(PARTIAL_SEEDS) $(ARGS)
+.PHONY: study-partial
+study-partial: $(STAMP) ## many heads vs the grid in partial fine-tuning (emoji, EfficientNet-Lite0 stages 6-7)
+	$(PARTIAL_TRAIN) trainer.check_val_every_n_epoch=10 +arm=study/static loss.threshold=$(STUDY_GRID) \
+		hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/grid
+	$(PARTIAL_TRAIN) trainer.check_val_every_n_epoch=10 +arm=study/many_heads_shared \
+		"++threshold_policy.thresholds=[$(STUDY_GRID)]" hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/learned_heads
+	$(PARTIAL_TRAIN) +arm=study/many_heads_sha threshold_policy.split=head \
+		"++threshold_policy.thresholds=[$(STUDY_GRID)]" hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/learned_heads_sha
+	find $(PARTIAL_DIR) -name "*.ckpt" -delete
+	$(PY) -m ddtas_lightning.study $(PARTIAL_DIR)
 
 study-report: $(STAMP) ## the latest study's report again (or STUDY_DIR=multirun/threshold_study/<date>_<time>)
 	$(PY) -m ddtas_lightning.study $(if $(filter command line environment,$(origin STUDY_DIR)),$(STUDY_DIR),$(STUDY_LAST_DIR))
