@@ -152,8 +152,8 @@ study-pretrained: $(STAMP) ## the study in the realistic regime: emoji + cjk_fon
 # Many heads in partial fine-tuning (issue 23): EfficientNet-Lite0's last two stages + head conv train on cached
 # stage-5 activations of emoji at 128 px (experiment=stage_tail_lite0, identity-initialised 1,280-d head,
 # 1,000 steps): the lambda grid (PARTIAL_SEEDS seeds), the grid's heads on one shared trunk
-# (arm=study/many_heads_shared: split=head, the trunk gets the heads' mean gradient) and the same with
-# successive halving of the heads (arm=study/many_heads_sha threshold_policy.split=head), then the study report.
+# (arm=study/many_heads_shared: split=head, the trunk gets the heads' mean gradient) and the balanced
+# statistics rule from both ends of the grid (arm=study/stats_rate_balanced), then the study report.
 PARTIAL_SEEDS ?= 0,1,2
 PARTIAL_DIR ?= multirun/threshold_study_partial/$(shell date +%Y-%m-%d_%H-%M-%S)
 PARTIAL_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=stage_tail_lite0 \
@@ -161,13 +161,13 @@ PARTIAL_TRAIN = OMP_NUM_THREADS=1 $(PY) -m ddtas_lightning.train -m experiment=s
 	backbone.head_init=identity loss=soft_contrastive evaluate_before_training=true callbacks.keep_last=false \
 	data.batches_per_epoch=100 trainer.max_epochs=10 seed=$(PARTIAL_SEEDS) $(ARGS)
 .PHONY: study-partial
-study-partial: $(STAMP) ## many heads vs the grid in partial fine-tuning (emoji, EfficientNet-Lite0 stages 6-7)
+study-partial: $(STAMP) ## many heads and the statistics rule vs the grid in partial fine-tuning (emoji, Lite0 stages 6-7)
 	$(PARTIAL_TRAIN) trainer.check_val_every_n_epoch=10 +arm=study/static loss.threshold=$(STUDY_GRID) \
 		hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/grid
 	$(PARTIAL_TRAIN) trainer.check_val_every_n_epoch=10 +arm=study/many_heads_shared \
 		"++threshold_policy.thresholds=[$(STUDY_GRID)]" hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/learned_heads
-	$(PARTIAL_TRAIN) +arm=study/many_heads_sha threshold_policy.split=head \
-		"++threshold_policy.thresholds=[$(STUDY_GRID)]" hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/learned_heads_sha
+	$(PARTIAL_TRAIN) trainer.check_val_every_n_epoch=10 +arm=study/stats_rate_balanced +study.grid_min=-0.2 \
+		+study.grid_max=0.8 loss.threshold=$(STUDY_STARTS) hydra.sweep.dir=$(PARTIAL_DIR)/emoji_1000/learned_stats
 	find $(PARTIAL_DIR) -name "*.ckpt" -delete
 	$(PY) -m ddtas_lightning.study $(PARTIAL_DIR)
 
