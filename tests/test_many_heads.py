@@ -463,7 +463,8 @@ def _val_rows(run_root) -> list[float]:
     """val/R@1 of every validation of a run, in order (its metrics.csv)."""
     import csv
 
-    rows = list(csv.DictReader(open(next((run_root / "run").rglob("metrics.csv")))))
+    text = next((run_root / "run").rglob("metrics.csv")).read_text()
+    rows = list(csv.DictReader(text.splitlines()))
     return [float(r["val/R@1"]) for r in rows if r.get("val/R@1")]
 
 

@@ -46,6 +46,7 @@ Logs: ``train/loss`` is ``sum_k L_k``; ``train/loss_head<k>``; ``mining/*`` are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -91,7 +92,7 @@ def halve(active: Sequence[bool], r1: Sequence[float], reduction_factor: int) ->
     to the lower index); inactive heads stay inactive."""
     alive = [k for k, a in enumerate(active) if a]
     keep = max(1, len(alive) // reduction_factor)
-    ranked = sorted(alive, key=lambda k: (not r1[k] == r1[k], -r1[k] if r1[k] == r1[k] else 0.0, k))
+    ranked = sorted(alive, key=lambda k: (-r1[k] if not math.isnan(r1[k]) else math.inf, k))
     kept = set(ranked[:keep])
     return [k in kept for k in range(len(active))]
 
